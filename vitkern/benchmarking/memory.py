@@ -22,8 +22,8 @@ CUDA_METHOD = "torch.cuda.max_memory_allocated during one call, minus memory all
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
-    """The profiler's native code logs start/stop lines on fd 2; hide them for the call."""
+def quiet_native_stderr():
+    """The profiler's native code logs start/stop lines on fd 2; hide them around start/stop."""
     try:
         saved = os.dup(2)
     except OSError:
@@ -42,10 +42,15 @@ def _quiet_native_stderr():
 def _cpu_peak(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_native_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with quiet_native_stderr():
+        prof.start()
+    try:
+        out = fn()
         del out
+    finally:
+        with quiet_native_stderr():
+            prof.stop()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
               and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())

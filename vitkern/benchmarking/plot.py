@@ -35,6 +35,7 @@ def plot_run(run, path: str) -> str:
             if r.peer not in peers:
                 peers.append(r.peer)
     x = list(range(len(cases)))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / max(1, len(peers))
     fig, (ax_s, ax_m) = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(cases) + 3), 8.5), sharex=True)
     for j, peer in enumerate(peers):
@@ -42,9 +43,11 @@ def plot_run(run, path: str) -> str:
         sp = [next((r.vitkern_speedup for r in cr.results if r.peer == peer), None) for cr in cases]
         mem = [next((r.peak_mem_bytes for r in cr.results if r.peer == peer and r.timing), None) for cr in cases]
         if peer != "vitkern" and any(v for v in sp):
-            ax_s.bar([o for o, v in zip(offs, sp) if v], [v for v in sp if v], width, label=f"vs {peer}")
+            ax_s.bar([o for o, v in zip(offs, sp) if v], [v for v in sp if v], width, label=f"vs {peer}",
+                     color=colors[j % len(colors)])
         if any(v for v in mem):
-            ax_m.bar([o for o, v in zip(offs, mem) if v], [v / 2 ** 20 for v in mem if v], width, label=peer)
+            ax_m.bar([o for o, v in zip(offs, mem) if v], [v / 2 ** 20 for v in mem if v], width, label=peer,
+                     color=colors[j % len(colors)])
     ax_s.axhline(1.0, color="black", linewidth=0.8)
     ax_s.set_yscale("log")
     ax_s.set_ylabel("vitkern speedup (peer median / vitkern median)")
@@ -55,7 +58,11 @@ def plot_run(run, path: str) -> str:
     ax_m.set_ylabel("peak memory per call (MiB)")
     ax_m.set_xticks(x)
     ax_m.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    from matplotlib.ticker import FormatStrFormatter
     for ax in (ax_s, ax_m):
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
         if handles:

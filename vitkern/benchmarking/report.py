@@ -68,6 +68,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cpu_path": _backend.cpu_path_name(),
         "triton_interpreter": _backend.interpreter_on(),
         "git_commit": git_commit(),
@@ -94,9 +95,25 @@ def geomean_speedups(run) -> Dict[str, Dict[str, float]]:
 # text
 
 
+def load_warning(threads: int) -> Optional[str]:
+    """A warning when other processes keep the CPUs busy: OpenMP regions then wait for
+    descheduled threads and multi-threaded timings inflate by orders of magnitude."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    cpus = os.cpu_count() or 1
+    if load > cpus:
+        return (f"warning: load average {load:.1f} on {cpus} CPUs - other processes compete for the cores; "
+                + ("timings with several threads are unreliable, consider --threads 1" if threads > 1
+                   else "medians are inflated, ratios between interleaved peers remain comparable"))
+    return None
+
+
 def header_lines(run) -> List[str]:
     m, cfg = run.machine, run.config
-    return [
+    warn = load_warning(m.threads)
+    return ([warn] if warn else []) + [
         f"vitkern bench: op={cfg.op} level={cfg.level} mode={cfg.mode} dtype={cfg.dtype} device={m.device} "
         f"({m.device_name}, {m.threads} threads)",
         f"roofline (measured): {m.bandwidth_gbs:.1f} GB/s copy bandwidth, {m.matmul_gflops:.1f} GFLOP/s "

@@ -160,7 +160,7 @@ class Runner:
         t0 = time.perf_counter()
         machine = machine or measure_roofline(self.device, self.dtype, quick=self.cfg.quick)
         cases = self.cases()
-        plan = [(c, lv, *peers_for(c.op, lv, self.device, self.cfg.peers)) for lv in self.levels() for c in cases]
+        plan = [(c, lv, *self._peers(c.op, lv)) for lv in self.levels() for c in cases]
         bar = progress_bar(sum(len(p) for _, _, p, _ in plan), "vitkern bench", self.cfg.progress)
         results = []
         try:
@@ -172,6 +172,15 @@ class Runner:
         na = {op: not_applicable(op) for op in sorted({c.op for c in cases}) if not_applicable(op)}
         method = memory.CUDA_METHOD if self.device.type == "cuda" else memory.CPU_METHOD
         return RunResult(self.cfg, machine, results, na, method, time.perf_counter() - t0)
+
+    def _peers(self, op: str, level: str):
+        peers, skipped = peers_for(op, level, self.device, self.cfg.peers)
+        if self.cfg.quick and not self.cfg.peers:
+            # a smoke run must take seconds; compiling costs tens of seconds per shape on CPU
+            for p in [p for p in peers if p.name in COMPILED_PEERS]:
+                peers.remove(p)
+                skipped[p.name] = "--quick skips torch.compile'd peers (name it in --peers to run it)"
+        return peers, skipped
 
     # -----------------------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ def setup(case, ctx: BenchContext) -> Setup:
     return Setup(inputs, truth, what, {"layer": layer, "case": case})
 
 
-def _layer_with_core(setup: Setup, core):
+def _layer_with_core(setup: Setup, core) -> Prepared:
     """A callable x -> proj(core(qkv(x))) on the shared timm layer's weights."""
     layer, h = setup.extra["layer"], setup.extra["case"].num_heads
 
@@ -151,9 +151,20 @@ def _xformers_core(ctx):
     return core
 
 
+def _prepare_reference(case, setup: Setup, ctx: BenchContext) -> Prepared:
+    if ctx.level == "op":
+        fn = _reference_fn()
+        return Prepared(lambda qkv: fn(qkv, case.num_heads), [])
+    cls = _vitkern_attr("vitkern.reference.attention", "Attention")
+    mod = cls(case.dim, num_heads=case.num_heads, qkv_bias=True)
+    mod.load_state_dict(setup.extra["layer"].state_dict())
+    mod = mod.to(ctx.device, ctx.dtype).eval()
+    return Prepared(mod, module_params(mod), note="vitkern.reference.attention.Attention")
+
+
 PEERS = [
     Peer("vitkern", "vitkern.nn.Attention (layer) / vitkern.qkv_attention (op)", _prepare_vitkern),
-    Peer("reference", "vitkern.reference.attention, eager", _per_level(lambda ctx: _reference_fn())),
+    Peer("reference", "vitkern.reference.attention, eager", _prepare_reference),
     Peer("timm-eager", "timm Attention, fused_attn=False", _prepare_timm(False)),
     Peer("timm-sdpa", "timm Attention, fused_attn=True (F.scaled_dot_product_attention)", _prepare_timm(True)),
     Peer("eager", "timm's eager math on packed qkv (op level)", _per_level(lambda ctx: eager_qkv_attention)),
