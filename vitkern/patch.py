@@ -51,10 +51,13 @@ import importlib
 import inspect
 import math
 import sys
+import types
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from vitkern._backend import BACKENDS
 
 __all__ = ["patch", "unpatch", "is_patched", "PatchReport", "PatchEntry", "PatchError"]
 
@@ -140,10 +143,13 @@ def _qualname(obj_or_cls) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
-def _construct(cls: type, config: Dict[str, object], defaults: Dict[str, object]) -> nn.Module:
+def _construct(cls: type, config: Dict[str, object], defaults: Dict[str, object],
+               opts: Dict[str, object]) -> nn.Module:
     """``cls(**config)``, passing only arguments the constructor takes. A feature the original uses
     (its value differs from ``defaults``) that the constructor cannot take makes the layer
     unsupported, as does any error the constructor raises for the configuration."""
+    config = dict(config, **opts)
+    defaults = dict(defaults, backend="auto")
     params = inspect.signature(cls.__init__).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {}
@@ -212,8 +218,8 @@ def _timm_attention_config(m: nn.Module) -> Dict[str, object]:
         attn_drop=_dropout_p(m.attn_drop), proj_drop=_dropout_p(m.proj_drop), norm_layer=norm_layer)
 
 
-def _build_timm_attention(m: nn.Module) -> nn.Module:
-    new = _construct(_vitkern_cls("Attention"), _timm_attention_config(m), _TIMM_ATTENTION_DEFAULTS)
+def _build_timm_attention(m: nn.Module, opts: Dict[str, object]) -> nn.Module:
+    new = _construct(_vitkern_cls("Attention"), _timm_attention_config(m), _TIMM_ATTENTION_DEFAULTS, opts)
     _carry_scale(m, new, default=m.head_dim ** -0.5)
     return new
 
@@ -240,13 +246,13 @@ def _is_torchvision_encoder_block(module: Optional[nn.Module]) -> bool:
     return cls.__name__ == "EncoderBlock" and cls.__module__.startswith("torchvision.models.vision_transformer")
 
 
-def _build_multihead(m: nn.MultiheadAttention) -> nn.Module:
+def _build_multihead(m: nn.MultiheadAttention, opts: Dict[str, object]) -> nn.Module:
     if not m._qkv_same_embed_dim:
         raise _Unsupported("separate key/value dimensions (kdim/vdim != embed_dim) are not supported")
     config = dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=float(m.dropout),
                   bias=m.in_proj_bias is not None, add_bias_kv=m.bias_k is not None,
                   add_zero_attn=bool(m.add_zero_attn), batch_first=bool(m.batch_first))
-    return _construct(_vitkern_cls("MultiheadAttention"), config, _MHA_DEFAULTS)
+    return _construct(_vitkern_cls("MultiheadAttention"), config, _MHA_DEFAULTS, opts)
 
 
 # --- timm Swin blocks ---------------------------------------------------------------------------
@@ -273,8 +279,8 @@ def _swin_block_config(b: nn.Module) -> Dict[str, object]:
         act_layer=type(b.mlp.act), norm_layer=type(b.norm1))
 
 
-def _build_swin_block(b: nn.Module) -> nn.Module:
-    new = _construct(_vitkern_cls("SwinTransformerBlock"), _swin_block_config(b), _SWIN_BLOCK_DEFAULTS)
+def _build_swin_block(b: nn.Module, opts: Dict[str, object]) -> nn.Module:
+    new = _construct(_vitkern_cls("SwinTransformerBlock"), _swin_block_config(b), _SWIN_BLOCK_DEFAULTS, opts)
     _check_same(b, new, ("window_size", "shift_size"))
     return new
 
@@ -294,9 +300,9 @@ def _swin_v2_block_config(b: nn.Module) -> Dict[str, object]:
     return config
 
 
-def _build_swin_v2_block(b: nn.Module) -> nn.Module:
+def _build_swin_v2_block(b: nn.Module, opts: Dict[str, object]) -> nn.Module:
     defaults = dict(_SWIN_BLOCK_DEFAULTS, pretrained_window_size=(0, 0))
-    new = _construct(_vitkern_cls("SwinTransformerV2Block"), _swin_v2_block_config(b), defaults)
+    new = _construct(_vitkern_cls("SwinTransformerV2Block"), _swin_v2_block_config(b), defaults, opts)
     _check_same(b, new, ("window_size", "shift_size"))
     return new
 
@@ -307,26 +313,26 @@ def _check_same(old: nn.Module, new: nn.Module, attrs: Tuple[str, ...]) -> None:
             raise _Unsupported(f"{a} came out {tuple(getattr(new, a))}, the original has {tuple(getattr(old, a))}")
 
 
-def _build_window_attention(m: nn.Module) -> nn.Module:
+def _build_window_attention(m: nn.Module, opts: Dict[str, object]) -> nn.Module:
     num_heads = m.num_heads
     head_dim = m.qkv.out_features // 3 // num_heads
     config = dict(dim=m.dim, num_heads=num_heads, head_dim=None if head_dim * num_heads == m.dim else head_dim,
                   window_size=tuple(m.window_size), qkv_bias=m.qkv.bias is not None,
                   attn_drop=_dropout_p(m.attn_drop), proj_drop=_dropout_p(m.proj_drop))
     new = _construct(_vitkern_cls("WindowAttention"), config,
-                     dict(head_dim=None, qkv_bias=True, attn_drop=0.0, proj_drop=0.0))
+                     dict(head_dim=None, qkv_bias=True, attn_drop=0.0, proj_drop=0.0), opts)
     _carry_scale(m, new, default=head_dim ** -0.5)
     return new
 
 
-def _build_window_attention_v2(m: nn.Module) -> nn.Module:
+def _build_window_attention_v2(m: nn.Module, opts: Dict[str, object]) -> nn.Module:
     if getattr(m, "qkv_bias_separate", False):
         raise _Unsupported("qkv_bias_separate=True is not supported")
     config = dict(dim=m.dim, window_size=tuple(m.window_size), num_heads=m.num_heads,
                   qkv_bias=m.q_bias is not None, attn_drop=_dropout_p(m.attn_drop),
                   proj_drop=_dropout_p(m.proj_drop), pretrained_window_size=tuple(m.pretrained_window_size))
     return _construct(_vitkern_cls("WindowAttentionV2"), config,
-                      dict(qkv_bias=True, attn_drop=0.0, proj_drop=0.0, pretrained_window_size=(0, 0)))
+                      dict(qkv_bias=True, attn_drop=0.0, proj_drop=0.0, pretrained_window_size=(0, 0)), opts)
 
 
 # --- T2T-ViT Token_performer ---------------------------------------------------------------------
@@ -339,7 +345,7 @@ def _looks_like_token_performer(m: nn.Module) -> bool:
             and isinstance(m.kqv, nn.Linear) and isinstance(m.w, torch.Tensor))
 
 
-def _build_token_performer(m: nn.Module) -> nn.Module:
+def _build_token_performer(m: nn.Module, opts: Dict[str, object]) -> nn.Module:
     emb = m.kqv.out_features // 3
     head_cnt = int(getattr(m, "head_cnt", 1))
     if emb % head_cnt:
@@ -348,7 +354,7 @@ def _build_token_performer(m: nn.Module) -> nn.Module:
     dp2 = _dropout_p(m.mlp[-1]) if isinstance(m.mlp, nn.Sequential) and len(m.mlp) else 0.0
     config = dict(dim=m.kqv.in_features, in_dim=emb // head_cnt, head_cnt=head_cnt,
                   kernel_ratio=n_features / emb, dp1=_dropout_p(getattr(m, "dp", None)), dp2=dp2)
-    new = _construct(_vitkern_cls("TokenPerformer"), config, {})
+    new = _construct(_vitkern_cls("TokenPerformer"), config, {}, opts)
     new_w = getattr(new, "w", None)
     if new_w is None or tuple(new_w.shape) != tuple(m.w.shape):
         raise _Unsupported(f"random-feature matrix w of shape {tuple(m.w.shape)} cannot be reproduced")
@@ -367,7 +373,7 @@ def _build_token_performer(m: nn.Module) -> nn.Module:
 class _Rule:
     kind: str
     cls_path: Optional[str]            # "module:Class" matched exactly; None for structural rules
-    build: Callable[[nn.Module], nn.Module]
+    build: Callable[[nn.Module, Dict[str, object]], nn.Module]
     match: Optional[Callable[[nn.Module, Optional[nn.Module], str], bool]] = None  # extra condition
     replacement: str = ""
 
@@ -527,14 +533,23 @@ def _lost_hooks(old: nn.Module, new: nn.Module, path: str) -> List[str]:
     kept = {id(m) for m in new.modules()}
     out = []
     for name, mod in old.named_modules():
-        if name and _has_hooks(mod) and id(mod) not in kept:
-            full = f"{path}.{name}" if path else name
+        if not name or not _has_hooks(mod):
+            continue
+        full = f"{path}.{name}" if path else name
+        if id(mod) not in kept:
             out.append(f"hooks on {full} ({_qualname(mod)}) do not run: the fused module does not call it")
+        elif isinstance(mod, _FUSED_AWAY):
+            # Kept for its settings (dropout p) and state_dict, but the kernel does the work itself.
+            out.append(f"hooks on {full} ({_qualname(mod)}) may not run: the fused kernel applies it")
     return out
 
 
-def _make_replacement(rule: _Rule, old: nn.Module) -> nn.Module:
-    new = rule.build(old)
+# Submodules of attention layers whose computation the fused kernels perform themselves.
+_FUSED_AWAY = (nn.Dropout, nn.Softmax)
+
+
+def _make_replacement(rule: _Rule, old: nn.Module, opts: Dict[str, object]) -> nn.Module:
+    new = rule.build(old, opts)
     _adopt(old, new)
     _check_state_dict(old, new)
     _place_own_buffers(old, new)
@@ -556,13 +571,15 @@ class _Record:
 
 
 def patch(model: nn.Module, attention: bool = True, window_attention: bool = True, performer: bool = True,
-          strict: bool = False) -> PatchReport:
+          strict: bool = False, backend: str = "auto") -> PatchReport:
     """Replace, in place, the attention layers of ``model`` that vitkern implements (see the
     module docstring) and return a :class:`PatchReport`.
 
     ``attention``/``window_attention``/``performer`` switch each kind on or off. With
     ``strict=True`` a recognized layer that cannot be swapped raises :class:`PatchError` (naming
-    every such layer and why) and the model is left untouched.
+    every such layer and why) and the model is left untouched. ``backend`` ("auto" | "triton" |
+    "cpu" | "reference") is given to every replacement (``"triton"`` runs the Triton kernels on
+    CPU tensors under ``TRITON_INTERPRET=1``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -570,6 +587,9 @@ def patch(model: nn.Module, attention: bool = True, window_attention: bool = Tru
                        ("performer", performer), ("strict", strict)):
         if not isinstance(value, bool):
             raise TypeError(f"patch: {arg} must be a bool, got {type(value).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"patch: backend must be one of {BACKENDS}, got {backend!r}")
+    opts = {"backend": backend} if backend != "auto" else {}
     enabled = {"attention": attention, "window_attention": window_attention, "performer": performer}
     rules = _loaded_rule_classes()
     report = PatchReport()
@@ -594,7 +614,7 @@ def patch(model: nn.Module, attention: bool = True, window_attention: bool = Tru
                 new = done.get(id(module))
                 if new is None:
                     try:
-                        new = _make_replacement(rule, module)
+                        new = _make_replacement(rule, module, opts)
                     except _Unsupported as exc:
                         entry.reason = str(exc)
                         report.left.append(entry)
@@ -680,3 +700,15 @@ def unpatch(model: nn.Module) -> int:
             restored += 1
         del holder.__dict__[_RECORDS_ATTR]
     return restored
+
+
+class _CallableModule(types.ModuleType):
+    """``vitkern.patch`` names both this module and its main function. Once the module has been
+    imported, Python binds the attribute ``vitkern.patch`` to the module, so ``vitkern.patch(model)``
+    would stop working; making the module callable keeps both spellings equivalent."""
+
+    def __call__(self, *args, **kwargs) -> PatchReport:
+        return patch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
