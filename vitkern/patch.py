@@ -352,8 +352,9 @@ def _build_token_performer(m: nn.Module, opts: Dict[str, object]) -> nn.Module:
         raise _Unsupported(f"token width {emb} is not divisible by head_cnt={head_cnt}")
     n_features = m.w.shape[0]
     dp2 = _dropout_p(m.mlp[-1]) if isinstance(m.mlp, nn.Sequential) and len(m.mlp) else 0.0
-    config = dict(dim=m.kqv.in_features, in_dim=emb // head_cnt, head_cnt=head_cnt,
-                  kernel_ratio=n_features / emb, dp1=_dropout_p(getattr(m, "dp", None)), dp2=dp2)
+    # T2T stores m = int(emb * kernel_ratio); pick a ratio that reproduces m exactly.
+    ratio = n_features / emb if int(emb * (n_features / emb)) == n_features else (n_features + 0.5) / emb
+    config = dict(dim=m.kqv.in_features, in_dim=emb // head_cnt, head_cnt=head_cnt, kernel_ratio=ratio, dp1=_dropout_p(getattr(m, "dp", None)), dp2=dp2)
     new = _construct(_vitkern_cls("TokenPerformer"), config, {}, opts)
     new_w = getattr(new, "w", None)
     if new_w is None or tuple(new_w.shape) != tuple(m.w.shape):

@@ -15,11 +15,12 @@ def require_timm():
     return timm
 
 
-def timm_with_vitkern(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+def timm_with_vitkern(name: str, pretrained: bool = False, backend: str = "auto", **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained, **kwargs)`` with every attention layer replaced by
-    its vitkern module. Raises ``vitkern.patch.PatchError`` if a layer cannot be replaced (e.g. a
-    keyword turned on a feature vitkern does not implement), so the result is all-vitkern."""
+    its vitkern module running on ``backend``. Raises ``vitkern.patch.PatchError`` if a layer
+    cannot be replaced (e.g. a keyword turned on a feature vitkern does not implement), so the
+    result is all-vitkern."""
     timm = require_timm()
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    patch(model, strict=True)
+    patch(model, strict=True, backend=backend)
     return model

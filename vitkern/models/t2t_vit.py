@@ -82,10 +82,11 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, norm_layer=nn.LayerNorm):
+                 drop_path: float = 0.0, norm_layer=nn.LayerNorm, backend: str = "auto"):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                              backend=backend)
         if qk_scale is not None:
             self.attn.scale = qk_scale
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -102,13 +103,14 @@ class T2TModule(nn.Module):
 
     Input ``(B, C, H, W)`` with ``H == W``; output ``(B, (H // 16) ** 2, embed_dim)``."""
 
-    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 768, token_dim: int = 64):
+    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 768, token_dim: int = 64,
+                 backend: str = "auto"):
         super().__init__()
         self.soft_split0 = nn.Unfold(kernel_size=(7, 7), stride=(4, 4), padding=(2, 2))
         self.soft_split1 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
         self.soft_split2 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
-        self.attention1 = TokenPerformer(dim=in_chans * 7 * 7, in_dim=token_dim, kernel_ratio=0.5)
-        self.attention2 = TokenPerformer(dim=token_dim * 3 * 3, in_dim=token_dim, kernel_ratio=0.5)
+        self.attention1 = TokenPerformer(dim=in_chans * 7 * 7, in_dim=token_dim, kernel_ratio=0.5, backend=backend)
+        self.attention2 = TokenPerformer(dim=token_dim * 3 * 3, in_dim=token_dim, kernel_ratio=0.5, backend=backend)
         self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
         self.num_patches = (img_size // (4 * 2 * 2)) ** 2
 
@@ -129,13 +131,15 @@ class T2TModule(nn.Module):
 
 class T2TViT(nn.Module):
     """T2T-ViT: tokens-to-token stem, a class token, the sinusoid position table, and a stack of
-    pre-norm blocks on vitkern ``Attention``; the head reads the class token."""
+    pre-norm blocks on vitkern ``Attention``; the head reads the class token. The arguments are
+    the original's, plus ``backend`` for the vitkern layers ("auto" | "triton" | "cpu" |
+    "reference")."""
 
     def __init__(self, img_size: int = 224, tokens_type: str = "performer", in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_layer=nn.LayerNorm, token_dim: int = 64):
+                 norm_layer=nn.LayerNorm, token_dim: int = 64, backend: str = "auto"):
         super().__init__()
         if tokens_type != "performer":
             raise ValueError(f"T2TViT: tokens_type must be 'performer' (the tokens-to-token module vitkern "
@@ -146,7 +150,7 @@ class T2TViT(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.tokens_to_token = T2TModule(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
-                                         token_dim=token_dim)
+                                         token_dim=token_dim, backend=backend)
         num_patches = self.tokens_to_token.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
@@ -154,7 +158,8 @@ class T2TViT(nn.Module):
         rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i], norm_layer=norm_layer)
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i], norm_layer=norm_layer,
+                  backend=backend)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
