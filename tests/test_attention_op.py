@@ -118,6 +118,18 @@ def test_auto_backend_on_cpu_is_the_cpu_path():
     assert torch.equal(a, b)
 
 
+def test_inference_call_skips_the_custom_op_with_the_same_result(monkeypatch):
+    """Without autograd or tracing the implementation is called directly: same bits."""
+    leaves, bias = _make_inputs(2, 2, 7, 16, torch.float32, "packed", "broadcast")
+    with_grad = vitkern.qkv_attention(leaves[0], 2, bias=bias)
+    assert with_grad.requires_grad
+    calls = []
+    monkeypatch.setattr(fa, "_qkv_attention_fwd", lambda *a: calls.append(a))  # must not be reached
+    with torch.no_grad():
+        plain = vitkern.qkv_attention(leaves[0], 2, bias=bias)
+    assert not calls and torch.equal(plain, with_grad.detach())
+
+
 def test_reference_backend_goes_through_autograd():
     leaves, bias = _make_inputs(2, 2, 7, 16, F64, "separate", "full")
     _check_against_reference(leaves, bias, 2, 16, "reference", F64)

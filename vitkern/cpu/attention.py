@@ -43,9 +43,8 @@ def token_major(B: int, H: int, N: int, D: int, like: Tensor) -> Tensor:
 
 def split_qkv(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Strided (B, H, N, D) views of q, k, v inside a (B, N, 3*H*D) tensor (no copies)."""
-    B, N, W = qkv.shape
-    parts = qkv.unflatten(-1, (3, num_heads, W // (3 * num_heads)))
-    return tuple(parts[:, :, i].transpose(1, 2) for i in range(3))
+    W = qkv.shape[-1]
+    return qkv.unflatten(-1, (3, num_heads, W // (3 * num_heads))).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def dropout_keep_mask(seed: int, shape, p: float) -> Tensor:
@@ -103,10 +102,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], s
 
 
 def _as_token_major(t: Tensor) -> Tensor:
-    """``t`` (B, H, N, D) in the (B, N, H, D)-backed layout (no copy when it already is)."""
-    if t.transpose(1, 2).is_contiguous():
-        return t
+    """``t`` (B, H, N, D) in the (B, N, H, D)-backed layout (no copy when it already is, which
+    is how the flash kernels allocate their outputs)."""
     B, H, N, D = t.shape
+    s = t.stride()
+    if s[3] == 1 and s[1] == D and s[2] == H * D and s[0] == N * H * D:
+        return t
     buf = token_major(B, H, N, D, t)
     buf.copy_(t)
     return buf
