@@ -1,0 +1,167 @@
+"""Performer (FAVOR+) layers on ``vitkern.performer_attention``.
+
+- :class:`TokenPerformer`: T2T-ViT's ``Token_performer`` (same constructor, same ``state_dict``:
+  ``kqv``, ``proj``, ``norm1``, ``norm2``, ``mlp.0``, ``mlp.2``, frozen ``w``).
+- :class:`PerformerAttention`: a linear-complexity stand-in for timm's ``Attention`` (same
+  ``qkv``/``proj`` parameters plus a ``projection`` buffer of random features), with
+  performer-pytorch's softmax-kernel scaling.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Type
+
+import torch
+from torch import nn
+
+from vitkern.functional.performer import performer_attention
+from vitkern.reference.performer import gaussian_orthogonal_projection, orthogonal_projection
+
+__all__ = ["TokenPerformer", "PerformerAttention"]
+
+
+class TokenPerformer(nn.Module):
+    """T2T-ViT's ``Token_performer``: loads its checkpoints strictly and computes the same output.
+
+    ``x (B, N, dim) -> (B, N, in_dim * head_cnt)``::
+
+        k, q, v = split(kqv(norm1(x)))              # T2T's order
+        y = v + dropout(proj(performer_attention(q, k, v, w, eps=1e-8)))
+        out = y + mlp(norm2(y))
+
+    T2T computes attention as a single head of width ``emb = in_dim * head_cnt`` whatever
+    ``head_cnt`` is; so does this layer. ``w`` (``m = int(emb * kernel_ratio)`` orthogonal rows
+    scaled by ``sqrt(m)``) is a frozen Parameter, as in T2T, so it lives in the state_dict.
+    Unlike T2T's formula, the attention is stabilized: large-norm tokens give finite outputs.
+    """
+
+    def __init__(self, dim: int, in_dim: int, head_cnt: int = 1, kernel_ratio: float = 0.5,
+                 dp1: float = 0.1, dp2: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        self.emb = in_dim * head_cnt
+        self.kqv = nn.Linear(dim, 3 * self.emb)
+        self.dp = nn.Dropout(dp1)
+        self.proj = nn.Linear(self.emb, self.emb)
+        self.head_cnt = head_cnt
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(self.emb)
+        self.epsilon = 1e-8
+        self.mlp = nn.Sequential(
+            nn.Linear(self.emb, self.emb), nn.GELU(), nn.Linear(self.emb, self.emb), nn.Dropout(dp2))
+        self.m = int(self.emb * kernel_ratio)
+        self.w = nn.Parameter(orthogonal_projection(self.m, self.emb), requires_grad=False)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, q, v = torch.split(self.kqv(self.norm1(x)), self.emb, dim=-1)
+        y = performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
+        y = v + self.dp(self.proj(y))
+        return y + self.mlp(self.norm2(y))
+
+
+class PerformerAttention(nn.Module):
+    """FAVOR+ self-attention usable in place of timm's ``Attention``.
+
+    Same constructor arguments and ``qkv``/``proj`` (and ``q_norm``/``k_norm``/``norm``/``gate``)
+    parameters as ``timm.layers.Attention``, plus a ``projection`` buffer ``(nb_features,
+    head_dim)`` of random features (in the state_dict). Semantics follow performer-pytorch's
+    ``softmax_kernel``: q and k are scaled by ``head_dim ** -0.25``, features are
+    ``m**-0.5 * (exp(. - stabilizer) + feature_eps)`` with ``feature_eps = 1e-4``, and the
+    denominator has no eps. ``nb_features`` defaults to ``int(head_dim * ln(head_dim))``; the
+    features are drawn (on the layer's device) by performer-pytorch's
+    ``gaussian_orthogonal_random_matrix`` recipe.
+
+    ``redraw_projection()`` draws new features in place (same buffer, so compiled graphs stay
+    valid); with ``redraw_interval=n`` that happens automatically before every ``n``-th training
+    forward call (counted in Python, so that setting is for eager training; compiled training
+    calls ``redraw_projection()`` from the loop).
+
+    Performer attention never forms the attention matrix, so ``attn_drop`` has nothing to act on:
+    a nonzero value is accepted for signature compatibility and ignored with a warning.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 attn_drop: float = 0., proj_drop: float = 0., nb_features: Optional[int] = None,
+                 redraw_interval: Optional[int] = None, *, attn_head_dim: Optional[int] = None,
+                 dim_out: Optional[int] = None, qk_norm: bool = False, scale_norm: bool = False,
+                 proj_bias: bool = True, gated: bool = False,
+                 norm_layer: Optional[Type[nn.Module]] = None, feature_eps: float = 1e-4,
+                 ortho_scaling: int = 0, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        dim_out = dim_out or dim
+        head_dim = attn_head_dim
+        if head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"PerformerAttention: dim {dim} must be divisible by num_heads "
+                                 f"{num_heads}")
+            head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("PerformerAttention: norm_layer must be given when qk_norm or "
+                             "scale_norm is set")
+        if redraw_interval is not None and (not isinstance(redraw_interval, int)
+                                            or redraw_interval < 1):
+            raise ValueError(f"PerformerAttention: redraw_interval must be a positive int or None, "
+                             f"got {redraw_interval!r}")
+        if attn_drop:
+            warnings.warn("PerformerAttention: attn_drop has no attention matrix to act on in "
+                          "Performer attention and is ignored", stacklevel=2)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
+        self.nb_features = nb_features or int(head_dim * math.log(head_dim))
+        self.feature_eps = feature_eps
+        self.ortho_scaling = ortho_scaling
+        self.redraw_interval = redraw_interval
+        self.calls_since_redraw = 0
+        self.backend = backend
+
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.register_buffer("projection", self._draw(device=self.qkv.weight.device,
+                                                      dtype=self.qkv.weight.dtype))
+
+    def _draw(self, device, dtype) -> torch.Tensor:
+        return gaussian_orthogonal_projection(self.nb_features, self.head_dim,
+                                              scaling=self.ortho_scaling, device=device,
+                                              dtype=dtype)
+
+    @torch.no_grad()
+    def redraw_projection(self) -> None:
+        """Draw fresh random features into the existing buffer (same device, dtype, object)."""
+        self.projection.copy_(self._draw(self.projection.device, self.projection.dtype))
+        self.calls_since_redraw = 0
+
+    @torch.compiler.disable
+    def _count_training_call(self) -> None:
+        if self.calls_since_redraw >= self.redraw_interval:
+            self.redraw_projection()
+        self.calls_since_redraw += 1
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("PerformerAttention: attn_mask and is_causal are not supported "
+                             "(non-causal FAVOR+ attends to every token)")
+        if self.training and self.redraw_interval is not None:
+            self._count_training_call()
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        data_normalizer = self.head_dim ** -0.25
+        x = performer_attention(q * data_normalizer, k * data_normalizer, v, self.projection,
+                                eps=0.0, feature_eps=self.feature_eps, backend=self.backend)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
