@@ -143,6 +143,7 @@ TRITON_CASES = [
     dict(dtype=torch.float16, B=2, H=2, N=7, D=24, bias="none", layout="separate"),
     dict(dtype=torch.bfloat16, B=1, H=2, N=33, D=64, bias="broadcast", layout="packed"),
     dict(dtype=torch.float32, B=2, H=1, N=1, D=40, bias="full", layout="separate"),
+    dict(dtype=torch.float16, B=1, H=3, N=20, D=8, bias="none", layout="packed"),  # head_dim < 16
 ]
 
 
@@ -153,6 +154,19 @@ def test_triton_path_matches_reference(case):
                                 case["bias"])
     _check_against_reference(leaves, bias, case["H"], case["D"], "triton", case["dtype"],
                              deterministic=case["N"] == 1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_interpreter)])
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+def test_broadcast_upstream_gradient(backend, layout):
+    """``out.sum().backward()`` hands the op an all-stride-0 gradient (head_dim 1 included)."""
+    for D in (1, 16):
+        leaves, _ = _make_inputs(1, 2, 6, D, torch.float32, layout, "none")
+        _run_op(leaves, None, 2, D, backend).sum().backward()
+        leaves64 = [t.detach().to(F64).requires_grad_() for t in leaves]
+        ref_attention(*_qkv_views(leaves64, 2, D)).sum().backward()
+        for t, t64 in zip(leaves, leaves64):
+            assert_close(t.grad, t64.grad, torch.float32, what=f"grad D={D}")
 
 
 @requires_interpreter

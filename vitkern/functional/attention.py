@@ -152,7 +152,7 @@ def _validate_packed(op, qkv, num_heads, bias, scale, dropout_p, allow_tf32, det
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     # Every implementation reads rows of head_dim contiguous elements.
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
