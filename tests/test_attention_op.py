@@ -31,9 +31,16 @@ def _make_inputs(B, H, N, D, dtype, layout, bias_kind, M=None):
         "full": lambda: torch.randn(B, H, N, M, dtype=dtype),
         "broadcast": lambda: torch.randn(1, H, N, M, dtype=dtype),
         "2d": lambda: torch.randn(N, M, dtype=dtype),
+        "expanded": lambda: torch.randn(H, 1, M, dtype=dtype),
     }[bias_kind]
     bias = bias().requires_grad_() if bias is not None else None
+    if bias_kind == "expanded":  # the op receives a stride-0 (B, H, N, M) view of this leaf
+        bias.expand_to = (B, H, N, M)
     return leaves, bias
+
+
+def _bias_arg(bias):
+    return bias.expand(bias.expand_to) if hasattr(bias, "expand_to") else bias
 
 
 def _qkv_views(leaves, H, D):
@@ -58,7 +65,7 @@ def _check_against_reference(leaves, bias, H, D, backend, dtype, dropout_mask=No
                              tol=None, **kw):
     tol = tol or TOLERANCE[dtype]
     with poison_outputs():  # unwritten output/gradient elements would show up as NaN
-        out = _run_op(leaves, bias, H, D, backend, dropout_p=dropout_p, **kw)
+        out = _run_op(leaves, _bias_arg(bias), H, D, backend, dropout_p=dropout_p, **kw)
         grad = torch.randn_like(out)
         out.backward(grad)
     leaves64 = [t.detach().to(F64).requires_grad_() for t in leaves]
@@ -80,7 +87,7 @@ CPU_CASES = pairwise({
     "dtype": [torch.float32, torch.float16, torch.bfloat16],
     "N": [1, 7, 197],
     "D": [24, 64, 80],
-    "bias": ["none", "full", "broadcast", "2d"],
+    "bias": ["none", "full", "broadcast", "2d", "expanded"],
     "layout": ["packed", "separate"],
     "B": [1, 2],
 })
@@ -140,7 +147,7 @@ def test_reference_backend_goes_through_autograd():
 # ---------------------------------------------------------------------------------------------
 TRITON_CASES = [
     dict(dtype=torch.float32, B=1, H=1, N=197, D=80, bias="2d", layout="packed"),
-    dict(dtype=torch.float16, B=2, H=2, N=7, D=24, bias="none", layout="separate"),
+    dict(dtype=torch.float16, B=2, H=2, N=7, D=24, bias="expanded", layout="separate"),
     dict(dtype=torch.bfloat16, B=1, H=2, N=33, D=64, bias="broadcast", layout="packed"),
     dict(dtype=torch.float32, B=2, H=1, N=1, D=40, bias="full", layout="separate"),
     dict(dtype=torch.float16, B=1, H=3, N=20, D=8, bias="none", layout="packed"),  # head_dim < 16
@@ -262,6 +269,20 @@ def test_bad_input_names_the_argument(row):
     call, exc, pattern = BAD_INPUTS[row]
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    """Without TRITON_INTERPRET=1 a CPU tensor cannot take backend='triton': the error says so."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, vitkern\n"
+            "q = torch.randn(1, 1, 4, 16)\n"
+            "try:\n    vitkern.attention(q, q, q, backend='triton')\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "backend='triton'" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
 
 
 @requires_interpreter
