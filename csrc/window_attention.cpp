@@ -23,10 +23,19 @@
 // The small matmuls use register-blocked micro-kernels written with GCC vector extensions and
 // compiled three times (AVX-512, AVX2+FMA, baseline SSE2); the best one the CPU supports is
 // picked at run time, so the extension needs no -march flag.
+// ATen's headers need C++20. Built as an older standard, this file compiles to nothing: the
+// operators are then absent and vitkern runs its native PyTorch CPU path instead.
+#if __cplusplus >= 202002L
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define VK_HAS_MXCSR 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -115,6 +124,48 @@ struct WindowTokens {
     }
   }
 };
+
+
+// Walks the windows of a range of work items in order and prefetches the rows of the next
+// window while the current one is computed: the rows of a window are scattered over the image,
+// so the hardware prefetchers cannot guess them, and the gathers were mostly waiting on memory.
+struct WindowCursor {
+  WindowTokens cur, next;
+  int64_t cur_win = -1, next_win = -1;
+  explicit WindowCursor(int64_t N) : cur(N), next(N) {}
+
+  // Make `win` current (usually the prefetched next window) and prefetch the one after it.
+  template <typename F>
+  void move_to(const Geometry& g, int64_t win, F&& prefetch_rows) {
+    if (win == cur_win) return;
+    if (win == next_win) std::swap(cur, next);
+    else cur.fill(g, win);
+    cur_win = win;
+    if (win + 1 < g.B * g.nWin) {
+      next.fill(g, win + 1);
+      next_win = win + 1;
+      for (int64_t t = 0; t < g.N; ++t)
+        if (next.pix[t] >= 0) prefetch_rows(next.pix[t]);
+    } else {
+      next_win = -1;
+    }
+  }
+};
+
+inline void prefetch_bytes(const void* p, int64_t bytes, bool for_write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write) __builtin_prefetch(c + off, 1, 3);
+    else __builtin_prefetch(c + off, 0, 3);
+  }
+}
+
+// Image coordinates of a token offset (b*H + y)*W + x.
+inline const char* qkv_row(const char* base, int64_t pix, const Geometry& g, int64_t sb, int64_t sh_, int64_t sw_,
+                           int64_t elem) {
+  const int64_t b = pix / (g.H * g.W), rem = pix % (g.H * g.W), y = rem / g.W, x = rem % g.W;
+  return base + (b * sb + y * sh_ + x * sw_) * elem;
+}
 
 // ----------------------------------------------------------------------------------------------
 // Micro-kernels (GCC vector extensions; VB = vector width in bytes of the target)
@@ -232,27 +283,123 @@ inline void matmul_ab(int64_t M, int64_t n_cols, int64_t K, const T* A, int64_t 
   for (; i < M; ++i) rows_ab<T, VB, 1>(i, nv, A, ars, acs, Bm, ldb, Cm, ldc, K);
 }
 
-// exp for the softmax. fp32: Cody-Waite range reduction + degree-6 polynomial, written so the
-// loop vectorizes (|rel err| < 2e-7 on the softmax's range x <= 0); fp64: std::exp.
-inline float exp_approx(float x) {
-  x = std::max(x, -87.0f);
-  x = std::min(x, 88.0f);
-  const float t = x * 1.4426950408889634f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.3888889e-3f;
+// exp for the softmax. fp32: Cody-Waite range reduction + degree-6 polynomial on whole vectors
+// (|rel err| < 2e-7; inputs below -87 give exactly 0, as exp underflows there anyway);
+// fp64: std::exp per element.
+template <int VB>
+inline void vexp(typename Vec<float, VB>::type& x) {
+  using V = typename Vec<float, VB>::type;
+  using VI = typename Vec<int32_t, VB>::type;
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  const auto underflow = x < lo;
+  x = underflow ? lo : x;
+  x = x > hi ? hi : x;
+  const V t = x * 1.4426950408889634f;
+  const V n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = V{} + 1.3888889e-3f;
   p = p * r + 8.3333333e-3f;
   p = p * r + 4.1666667e-2f;
   p = p * r + 1.6666667e-1f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
+  x = underflow ? V{} : p * scale;
 }
-inline double exp_approx(double x) { return std::exp(x); }
+
+template <typename T, int VB>
+inline T hmax(const typename Vec<T, VB>::type& v) {
+  constexpr int L = VB / sizeof(T);
+  T m = v[0];
+  for (int i = 1; i < L; ++i) m = std::max(m, static_cast<T>(v[i]));
+  return m;
+}
+
+template <typename T, int VB>
+inline T hsum(const typename Vec<T, VB>::type& v) {
+  constexpr int L = VB / sizeof(T);
+  T s = 0;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+}
+
+// Forward softmax of one score row in place (Np columns, those past N hold -1e30); returns lse.
+template <typename T, int VB>
+inline T softmax_row(T* sr, int64_t Np) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = VB / sizeof(T);
+  V vm;
+  vload(vm, sr);
+  for (int64_t j = L; j < Np; j += L) {
+    V x;
+    vload(x, sr + j);
+    vm = x > vm ? x : vm;
+  }
+  const T m = hmax<T, VB>(vm);
+  V vs = V{};
+  for (int64_t j = 0; j < Np; j += L) {
+    V x;
+    vload(x, sr + j);
+    x -= m;
+    if constexpr (std::is_same_v<T, float>) {
+      vexp<VB>(x);
+    } else {
+      for (int i = 0; i < L; ++i) x[i] = std::exp(x[i]);
+    }
+    vs += x;
+    vstore(sr + j, x);
+  }
+  const T l = hsum<T, VB>(vs);
+  const T inv = T(1) / l;
+  for (int64_t j = 0; j < Np; j += L) {
+    V x;
+    vload(x, sr + j);
+    vstore(sr + j, x * inv);
+  }
+  return m + std::log(l);
+}
+
+// Backward: P = exp(S - lse) for one row.
+template <typename T, int VB>
+inline void exp_row(T* sr, int64_t Np, T lse) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = VB / sizeof(T);
+  for (int64_t j = 0; j < Np; j += L) {
+    V x;
+    vload(x, sr + j);
+    x -= lse;
+    if constexpr (std::is_same_v<T, float>) {
+      vexp<VB>(x);
+    } else {
+      for (int i = 0; i < L; ++i) x[i] = std::exp(x[i]);
+    }
+    vstore(sr + j, x);
+  }
+}
+
+// Backward: dS = P (dP - rowsum(P dP)) in place of dP, for one row.
+template <typename T, int VB>
+inline void dscore_row(const T* pr, T* gr, int64_t Np) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = VB / sizeof(T);
+  V acc = V{};
+  for (int64_t j = 0; j < Np; j += L) {
+    V p, g;
+    vload(p, pr + j);
+    vload(g, gr + j);
+    acc += p * g;
+  }
+  const T D = hsum<T, VB>(acc);
+  for (int64_t j = 0; j < Np; j += L) {
+    V p, g;
+    vload(p, pr + j);
+    vload(g, gr + j);
+    vstore(gr + j, p * (g - D));
+  }
+}
 
 // ----------------------------------------------------------------------------------------------
 // Per-call arguments
@@ -416,6 +563,11 @@ inline void scores(const Args<S, T>& a, const WindowTokens& tok, int64_t h, Tile
       for (int64_t j = 0; j < N; ++j) sr[j] += tok.region[j] != ri ? mv : T(0);
     }
   }
+  if (Np > N) {
+    // padding columns (no token): excluded from the row max and given ~0 probability
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = N; j < Np; ++j) t.s[i * Np + j] = T(-1e30);
+  }
 }
 
 template <typename S, typename T, int VB>
@@ -424,32 +576,21 @@ inline void forward_items(const Args<S, T>& a, int64_t begin, int64_t end) {
   const int64_t N = g.N, d = g.d, C = g.C;
   Tiles<T, VB> t(N, d);
   const int64_t Np = t.Np, dp = t.dp;
-  WindowTokens tok(N);
-  int64_t cur_win = -1;
+  WindowCursor cursor(N);
+  const WindowTokens& tok = cursor.cur;
   T* lse = LseAccess<T>::ptr(a);
+  const char* qkv_bytes = reinterpret_cast<const char*>(a.qkv);
+  auto prefetch = [&](int64_t pix) {
+    prefetch_bytes(qkv_row(qkv_bytes, pix, g, a.qs_b, a.qs_h, a.qs_w, sizeof(S)), 3 * C * sizeof(S), false);
+    prefetch_bytes(a.out + pix * C, C * sizeof(S), true);
+  };
   for (int64_t item = begin; item < end; ++item) {
     const int64_t win = item / g.nH, h = item % g.nH;
-    if (win != cur_win) {
-      tok.fill(g, win);
-      cur_win = win;
-    }
+    cursor.move_to(g, win, prefetch);
     gather_head<S, T, VB>(a, tok, h, t, false);
     scores<S, T, VB>(a, tok, h, t);
     T* lrow = lse + item * N;
-    for (int64_t i = 0; i < N; ++i) {
-      T* sr = t.s + i * Np;
-      T m = sr[0];
-      for (int64_t j = 1; j < N; ++j) m = std::max(m, sr[j]);
-      T l = 0;
-      for (int64_t j = 0; j < N; ++j) {
-        const T e = exp_approx(sr[j] - m);
-        sr[j] = e;
-        l += e;
-      }
-      const T inv = T(1) / l;
-      for (int64_t j = 0; j < N; ++j) sr[j] *= inv;
-      lrow[i] = m + std::log(l);
-    }
+    for (int64_t i = 0; i < N; ++i) lrow[i] = softmax_row<T, VB>(t.s + i * Np, Np);
     matmul_ab<T, VB>(N, dp, N, t.s, Np, 1, t.v, dp, t.o, dp);
     for (int64_t n = 0; n < N; ++n) {
       if (tok.pix[n] < 0) continue;
@@ -474,17 +615,21 @@ inline void backward_items(const Args<S, T>& a, int64_t begin, int64_t end, Part
   const int64_t N = g.N, d = g.d, C = g.C;
   Tiles<T, VB> t(N, d);
   const int64_t Np = t.Np, dp = t.dp;
-  WindowTokens tok(N);
-  int64_t cur_win = -1;
+  WindowCursor cursor(N);
+  const WindowTokens& tok = cursor.cur;
   const T* lse = LseAccess<T>::ptr(a);
   const bool cosine = a.logit != nullptr;
   const T eps = T(1e-12);
+  const char* qkv_bytes = reinterpret_cast<const char*>(a.qkv);
+  const char* dout_bytes = reinterpret_cast<const char*>(a.dout);
+  auto prefetch = [&](int64_t pix) {
+    prefetch_bytes(qkv_row(qkv_bytes, pix, g, a.qs_b, a.qs_h, a.qs_w, sizeof(S)), 3 * C * sizeof(S), false);
+    prefetch_bytes(qkv_row(dout_bytes, pix, g, a.ds_b, a.ds_h, a.ds_w, sizeof(S)), C * sizeof(S), false);
+    prefetch_bytes(a.dqkv + pix * 3 * C, 3 * C * sizeof(S), true);
+  };
   for (int64_t item = begin; item < end; ++item) {
     const int64_t win = item / g.nH, h = item % g.nH;
-    if (win != cur_win) {
-      tok.fill(g, win);
-      cur_win = win;
-    }
+    cursor.move_to(g, win, prefetch);
     gather_head<S, T, VB>(a, tok, h, t, true);
     for (int64_t n = 0; n < N; ++n) {
       T* dr = t.dout + n * dp;
@@ -500,20 +645,10 @@ inline void backward_items(const Args<S, T>& a, int64_t begin, int64_t end, Part
     scores<S, T, VB>(a, tok, h, t);
     // P = exp(S - lse)
     const T* lrow = lse + item * N;
-    for (int64_t i = 0; i < N; ++i) {
-      T* sr = t.s + i * Np;
-      const T li = lrow[i];
-      for (int64_t j = 0; j < N; ++j) sr[j] = exp_approx(sr[j] - li);
-    }
+    for (int64_t i = 0; i < N; ++i) exp_row<T, VB>(t.s + i * Np, Np, lrow[i]);
     // dP = dO v^T, then dS = P (dP - rowsum(P dP)) in place of dP
     matmul_abt<T, VB>(N, Np, d, t.dout, dp, t.vt, Np, t.dp_buf, Np);
-    for (int64_t i = 0; i < N; ++i) {
-      const T* pr = t.s + i * Np;
-      T* gr = t.dp_buf + i * Np;
-      T D = 0;
-      for (int64_t j = 0; j < N; ++j) D += pr[j] * gr[j];
-      for (int64_t j = 0; j < N; ++j) gr[j] = pr[j] * (gr[j] - D);
-    }
+    for (int64_t i = 0; i < N; ++i) dscore_row<T, VB>(t.s + i * Np, t.dp_buf + i * Np, Np);
     if (part.table != nullptr) {
       T* tab = part.table + h * a.table_rows;
       for (int64_t i = 0; i < N; ++i) {
@@ -614,6 +749,17 @@ template <typename S, typename T>
 __attribute__((flatten)) void backward_base(const Args<S, T>& a, int64_t b, int64_t e, Partials<T> p) {
   backward_items<S, T, 16>(a, b, e, p);
 }
+
+// Flush denormals to zero inside the kernels (restored on exit). Probabilities of masked pairs
+// (score - 100) land in the denormal range, and every FMA touching a denormal costs a microcode
+// assist of ~100 cycles, which made the kernel several times slower.
+struct DenormalsFlushed {
+#ifdef VK_HAS_MXCSR
+  unsigned int saved;
+  DenormalsFlushed() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }  // FTZ | DAZ
+  ~DenormalsFlushed() { _mm_setcsr(saved); }
+#endif
+};
 
 enum class Isa { kAvx512, kAvx2, kBase };
 
@@ -731,6 +877,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv_in
     if constexpr (std::is_same_v<T, double>) a.lse_d = lse.data_ptr<double>();
     else a.lse_f = lse.data_ptr<float>();
     at::parallel_for(0, g.items, 1, [&](int64_t b, int64_t e) {
+      DenormalsFlushed ftz;
       if (isa == Isa::kAvx512) forward_avx512<S, T>(a, b, e);
       else if (isa == Isa::kAvx2) forward_avx2<S, T>(a, b, e);
       else forward_base<S, T>(a, b, e);
@@ -783,6 +930,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     T* part_base = partials.data_ptr<T>();
     const int64_t pstride = partials.size(1);
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      DenormalsFlushed ftz;
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t ib = c * g.items / nchunks, ie = (c + 1) * g.items / nchunks;
         T* base = part_base + c * pstride;
@@ -850,3 +998,5 @@ TORCH_LIBRARY_IMPL(vitkern_cpu, CPU, m) {
   m.impl("window_attention_fwd", &window_attention_fwd);
   m.impl("window_attention_bwd", &window_attention_bwd);
 }
+
+#endif  // __cplusplus >= 202002L
