@@ -25,7 +25,7 @@ def _extensions():
     ext = CppExtension(
         name="vitkern._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++20"]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
