@@ -82,8 +82,10 @@ def _sync(device) -> None:
 
 
 def interleaved_medians(steps: Dict[str, Callable[[], None]], repeats: int, device="cpu",
-                        warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per peer; each round runs every peer once, in rotating order."""
+                        warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Median seconds per peer; each round runs every peer once, in rotating order. ``clock``:
+    wall time by default; ``time.process_time`` (CPU seconds of this process) is steadier on a
+    loaded machine when torch runs one thread."""
     times: Dict[str, List[float]] = {k: [] for k in steps}
     names = list(steps)
     for _ in range(warmup):
@@ -93,21 +95,22 @@ def interleaved_medians(steps: Dict[str, Callable[[], None]], repeats: int, devi
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[k]()
             _sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def ratio_table(repeats: int = 7, device="cpu") -> List[Tuple[str, int, str, Dict[str, float]]]:
+def ratio_table(repeats: int = 7, device="cpu", clock: Callable[[], float] = time.perf_counter,
+                cases=CASES) -> List[Tuple[str, int, str, Dict[str, float]]]:
     rows = []
     built: Dict[str, Dict[str, nn.Module]] = {}
-    for name, size, batch, mode in CASES:
+    for name, size, batch, mode in cases:
         peers = built.setdefault(name, build_peers(name, device))
         x = torch.randn(batch, 3, size, size, device=device, generator=torch.Generator(device=device).manual_seed(1))
         steps = {k: make_step(m, x, mode) for k, m in peers.items()}
-        rows.append((name, batch, mode, interleaved_medians(steps, repeats, device)))
+        rows.append((name, batch, mode, interleaved_medians(steps, repeats, device, clock=clock)))
     return rows
 
 
@@ -169,12 +172,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="patched vs unpatched whole-model timings (ratios of medians)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or CPU time of this process (steadier on a loaded machine with --threads 1)")
+    parser.add_argument("--only", default="", help="run the cases whose model name contains this")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"CPU, fp32, {torch.get_num_threads()} threads, medians of {args.repeats} interleaved rounds")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    cases = [c for c in CASES if args.only in c[0]]
+    print(f"CPU, fp32, {torch.get_num_threads()} threads, {args.clock} clock, medians of {args.repeats} "
+          f"interleaved rounds")
     print(f"{'model':<32}{'batch':>6}  {'mode':<11}{'peer':<12}{'median ms':>10}  vitkern speed-up")
-    for name, batch, mode, med in ratio_table(args.repeats):
+    for name, batch, mode, med in ratio_table(args.repeats, clock=clock, cases=cases):
         for peer, sec in med.items():
             speedup = "" if peer == "vitkern" else f"{sec / med['vitkern']:.2f}x"
             print(f"{name:<32}{batch:>6}  {mode:<11}{peer:<12}{sec * 1e3:>10.1f}  {speedup}")

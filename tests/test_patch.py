@@ -250,8 +250,8 @@ def test_package_level_spelling():
 @requires_interpreter
 @pytest.mark.parametrize("kind", ["vit", "swin", "t2t"])
 def test_triton_path_interpreter(kind):
-    """Reduced models with backend='triton': the Triton kernels run in the interpreter on CPU
-    tensors and must match the unpatched model in fp32."""
+    """Reduced models with backend='triton': the Triton kernels (forward and backward) run in the
+    interpreter on CPU tensors and must match the unpatched model in fp32."""
     torch.manual_seed(0)
     if kind == "vit":
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=24, patch_size=8,
@@ -271,5 +271,21 @@ def test_triton_path_interpreter(kind):
     assert len(report) > 0
     assert all(getattr(m, "backend", "triton") == "triton" for m in model.modules()
                if type(m).__module__.startswith("vitkern.nn"))
-    with torch.no_grad():
-        assert rel_err(model(x), reference(x)) < 1e-5
+    launched = []
+    from triton.runtime.interpreter import InterpretedFunction
+    original_run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return original_run(self, *args, **kwargs)
+    InterpretedFunction.run = counting_run
+    weight = torch.randn(reference(x).shape)
+    try:
+        out, grads = _grads(model, x, weight)
+    finally:
+        InterpretedFunction.run = original_run
+    assert launched, "no Triton kernel ran"
+    ref_out, ref_grads = _grads(reference, x, weight)
+    assert rel_err(out, ref_out) < 1e-5
+    for name, g in ref_grads.items():
+        assert rel_err(grads[name], g) < TOL, name
