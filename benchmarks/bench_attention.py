@@ -61,9 +61,13 @@ def build_layers(dim: int, heads: int, device, dtype) -> Dict[str, nn.Module]:
     timm_fused.fused_attn = True
     timm_eager = TimmAttention(dim, heads, qkv_bias=True)
     timm_eager.fused_attn = False
+    # timm_fused_2: a second, identical timm_fused layer; its ratio to timm_fused measures how far
+    # apart two identical peers land on this machine (the noise floor of every ratio).
+    timm_fused_2 = TimmAttention(dim, heads, qkv_bias=True)
+    timm_fused_2.fused_attn = True
     layers = {"vitkern": Attention(dim, heads, qkv_bias=True), "timm_fused": timm_fused,
               "timm_eager": timm_eager, "reference": ReferenceAttention(dim, heads, qkv_bias=True),
-              "sdpa": SdpaAttention(dim, heads)}
+              "sdpa": SdpaAttention(dim, heads), "timm_fused_2": timm_fused_2}
     state = timm_fused.state_dict()
     for layer in layers.values():
         layer.load_state_dict(state, strict=True)
@@ -157,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--shape", choices=list(SHAPES), action="append")
     p.add_argument("--mode", choices=("fwd", "fwdbwd"), action="append")
-    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--peers", default=",".join(PEERS + ("timm_fused_2",)),
+                   help="comma-separated; timm_fused_2 (a copy of timm_fused) shows the noise floor")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: CPU time of this process (use with --threads 1)")
     args = p.parse_args(argv)

@@ -74,7 +74,7 @@ def _check_scalars(op: str, scale, dropout_p, allow_tf32, deterministic) -> None
             raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
 
 
-def _check_bias(op: str, bias, q: Tensor, target) -> None:
+def _check_bias(op: str, bias, q: Tensor, target, q_name: str = "q") -> None:
     if bias is None:
         return
     check_tensor(op, "bias", bias)
@@ -82,8 +82,8 @@ def _check_bias(op: str, bias, q: Tensor, target) -> None:
         raise TypeError(f"{op}: bias must be a floating tensor (an additive bias), got dtype "
                         f"{str(bias.dtype).replace('torch.', '')}; turn a boolean mask into "
                         "0 / -inf first")
-    check_same(op, {"q": q, "bias": bias}, "device")
-    check_same(op, {"q": q, "bias": bias}, "dtype")
+    check_same(op, {q_name: q, "bias": bias}, "device")
+    check_same(op, {q_name: q, "bias": bias}, "dtype")
     check_broadcast(op, "bias", bias, target)
 
 
@@ -146,7 +146,7 @@ def _validate_packed(op, qkv, num_heads, bias, scale, dropout_p, allow_tf32, det
                          f"divisible by 3 * num_heads = {3 * num_heads}")
     if N < 1:
         raise ValueError(f"{op}: qkv must hold at least one token, got shape {tuple(qkv.shape)}")
-    _check_bias(op, bias, qkv, (B, num_heads, N, N))
+    _check_bias(op, bias, qkv, (B, num_heads, N, N), q_name="qkv")
     _check_scalars(op, scale, dropout_p, allow_tf32, deterministic)
 
 
@@ -167,8 +167,8 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 
 
 def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
-                   dropout_p: float, seed: Optional[Tensor], backend: str, allow_tf32: bool,
-                   deterministic: bool) -> Tuple[Tensor, Tensor]:
+                        dropout_p: float, seed: Optional[Tensor], backend: str, allow_tf32: bool,
+                        deterministic: bool) -> Tuple[Tensor, Tensor]:
     """(out (B, H, N, D) backed by a (B, N, H, D) buffer, lse (B, H, N))."""
     if backend == "triton":
         from ..ops import attention as _triton
@@ -243,8 +243,8 @@ def _split(qkv: Tensor, num_heads: int):
 
 
 def _qkv_attention_fwd_impl(qkv: Tensor, num_heads: int, bias: Optional[Tensor], scale: float,
-                       dropout_p: float, seed: Optional[Tensor], backend: str, allow_tf32: bool,
-                       deterministic: bool) -> Tuple[Tensor, Tensor]:
+                            dropout_p: float, seed: Optional[Tensor], backend: str, allow_tf32: bool,
+                            deterministic: bool) -> Tuple[Tensor, Tensor]:
     """(out (B, N, H*D) contiguous, lse (B, H, N))."""
     if backend == "triton":
         from ..ops import attention as _triton
