@@ -103,22 +103,23 @@ class WindowAttentionFunction(torch.autograd.Function):
 @functools.lru_cache(maxsize=64)
 def _window_index(H: int, W: int, wh: int, ww: int, sh: int, sw: int):
     """For the padded, shifted image in window order: the flat image index of every slot (0 for
-    padded slots), the positions of the padded slots, and for every image token its slot.
-    Returns (gather (nW*N,), pad_slots (P,), scatter (H*W,)) as int64 CPU tensors."""
+    padded slots), which slots are padded, and for every image token its slot. Pure index
+    arithmetic (no data-dependent shapes, so torch.compile traces it). Returns
+    (gather (nW*N,) int64, is_pad (nW*N,) bool, scatter (H*W,) int64)."""
     Hp, Wp = _ref.padded_size(H, W, (wh, ww))
+    nWw = Wp // ww
     yp = torch.arange(Hp).view(Hp // wh, wh, 1, 1)
-    xp = torch.arange(Wp).view(1, 1, Wp // ww, ww)
+    xp = torch.arange(Wp).view(1, 1, nWw, ww)
     yp, xp = torch.broadcast_tensors(yp, xp)                    # (nWh, wh, nWw, ww)
     yp = yp.permute(0, 2, 1, 3).reshape(-1)                      # window-major, row-major inside
     xp = xp.permute(0, 2, 1, 3).reshape(-1)
-    inside = (yp < H) & (xp < W)
-    src = ((yp + sh) % H) * W + (xp + sw) % W
-    gather = torch.where(inside, src, torch.zeros_like(src))
-    pad_slots = torch.nonzero(~inside).view(-1)
-    scatter = torch.empty(H * W, dtype=torch.long)
-    slots = torch.arange(yp.numel())
-    scatter[src[inside]] = slots[inside]
-    return gather, pad_slots, scatter
+    is_pad = (yp >= H) | (xp >= W)
+    gather = torch.where(is_pad, torch.zeros_like(yp), ((yp + sh) % H) * W + (xp + sw) % W)
+    # image token (y, x) sits at padded-shifted (y - sh mod H, x - sw mod W)
+    y = (torch.arange(H).view(H, 1) - sh) % H
+    x = (torch.arange(W).view(1, W) - sw) % W
+    scatter = ((y // wh) * nWw + x // ww) * (wh * ww) + (y % wh) * ww + x % ww
+    return gather, is_pad, scatter.reshape(-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -145,6 +146,52 @@ def _attn_bias(bias_table: Optional[Tensor], region_mask: Optional[Tensor], wind
     return bias
 
 
+def _gather_windows(x: Tensor, gather: Tensor, is_pad: Optional[Tensor], fill: Optional[Tensor]) -> Tensor:
+    """(B, H, W, K) image -> (B, nW*N, K) rows of the padded, shifted image in window order;
+    padded slots (``is_pad``, None when there are none) hold ``fill`` (zeros if None)."""
+    B, H, W, K = x.shape
+    rows = x.reshape(B, H * W, K).index_select(1, gather.to(x.device))
+    if is_pad is not None:
+        fill = fill.to(x.dtype) if fill is not None else x.new_zeros(K)
+        rows = torch.where(is_pad.to(x.device).view(1, -1, 1), fill, rows)
+    return rows
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half precision is computed in fp32 (as the C++ kernel does) and rounded once at the end
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale):
+    """Everything the composition's forward and backward share: q', k', v as attended
+    ((B, nW, heads, N, d) in the compute dtype), the additive bias, and the indexing."""
+    wh, ww = window_size
+    sh, sw = shift_size
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    d = C // num_heads
+    N = wh * ww
+    ct = _compute_dtype(qkv.dtype)
+    gather, is_pad, scatter = _window_index(H, W, wh, ww, sh, sw)
+    padded = _ref.padded_size(H, W, (wh, ww)) != (H, W)
+    pad_mask = is_pad if padded else None
+    rows = _gather_windows(qkv, gather, pad_mask, pad_qkv).to(ct)
+    nW = rows.shape[1] // N
+    q, k, v = rows.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    factor = None
+    if logit_scale is not None:
+        factor = torch.clamp(logit_scale.reshape(-1, 1, 1).to(ct), max=LOGIT_SCALE_MAX).exp()
+        q = F.normalize(q, dim=-1, eps=_ref.NORMALIZE_EPS) * factor
+        k = F.normalize(k, dim=-1, eps=_ref.NORMALIZE_EPS)
+        scale = 1.0
+    else:
+        scale = d ** -0.5 if scale is None else float(scale)
+    table = bias_table.to(ct) if bias_table is not None else None
+    bias = _attn_bias(table, _region_mask(H, W, wh, ww, sh, sw), (wh, ww), ct, qkv.device)
+    return dict(q=q, k=k, v=v, bias=bias, scale=scale, factor=factor, rows=rows, gather=gather,
+                pad_mask=pad_mask, scatter=scatter, nW=nW, N=N, C=C, d=d, ct=ct)
+
+
 def window_attention_composite(qkv: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
                                bias_table: Optional[Tensor] = None, pad_qkv: Optional[Tensor] = None,
                                scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
@@ -152,54 +199,80 @@ def window_attention_composite(qkv: Tensor, num_heads: int, window_size: Pair, s
     """The op with native PyTorch ops (differentiable by autograd). With ``return_lse`` the
     attention is computed explicitly (no SDPA) and (out, lse) is returned, lse in the C++
     kernel's layout (B * windows, heads, N)."""
-    wh, ww = window_size
-    sh, sw = shift_size
-    B, H, W, C3 = qkv.shape
-    C = C3 // 3
-    d = C // num_heads
-    N = wh * ww
-    scale = d ** -0.5 if scale is None else float(scale)
-    gather, pad_slots, scatter = _window_index(H, W, wh, ww, sh, sw)
-    dev = qkv.device
-    windows = qkv.reshape(B, H * W, C3).index_select(1, gather.to(dev))     # (B, nW*N, 3C)
-    if pad_slots.numel() > 0:
-        fill = pad_qkv.to(qkv.dtype) if pad_qkv is not None else qkv.new_zeros(C3)
-        windows = windows.index_copy(1, pad_slots.to(dev), fill.expand(B, pad_slots.numel(), C3))
-    nW = windows.shape[1] // N
-    q, k, v = windows.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
-    if logit_scale is not None:
-        factor = torch.clamp(logit_scale.reshape(-1, 1, 1), max=LOGIT_SCALE_MAX).exp().to(q.dtype)
-        q = F.normalize(q, dim=-1, eps=_ref.NORMALIZE_EPS) * factor
-        k = F.normalize(k, dim=-1, eps=_ref.NORMALIZE_EPS)
-        scale = 1.0
-    bias = _attn_bias(bias_table, _region_mask(H, W, wh, ww, sh, sw), (wh, ww), q.dtype, dev)
+    B, H, W, _ = qkv.shape
+    p = _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale)
+    q, k, v, bias = p["q"], p["k"], p["v"], p["bias"]
     if return_lse:
-        s = (q * scale) @ k.transpose(-2, -1)
+        s = (q * p["scale"]) @ k.transpose(-2, -1)
         if bias is not None:
             s = s + bias
         lse = torch.logsumexp(s, dim=-1)
-        out = torch.softmax(s, dim=-1) @ v
+        out = torch.exp(s - lse.unsqueeze(-1)) @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    out = out.permute(0, 1, 3, 2, 4).reshape(B, nW * N, C).index_select(1, scatter.to(dev)).view(B, H, W, C)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=p["scale"])
+    out = out.permute(0, 1, 3, 2, 4).reshape(B, p["nW"] * p["N"], p["C"])
+    out = out.index_select(1, p["scatter"].to(qkv.device)).view(B, H, W, p["C"]).to(qkv.dtype)
     if return_lse:
-        return out, lse.reshape(B * nW, num_heads, N).to(stats_dtype(qkv.dtype))
+        return out, lse.reshape(B * p["nW"], num_heads, p["N"]).to(stats_dtype(qkv.dtype))
     return out
+
+
+def _normalize_backward(x: Tensor, dy: Tensor) -> Tensor:
+    """Gradient of x / max(||x||, eps) along the last dim."""
+    norm = x.norm(dim=-1, keepdim=True)
+    y = x / norm.clamp_min(_ref.NORMALIZE_EPS)
+    inside = norm > _ref.NORMALIZE_EPS
+    proj = (y * dy).sum(-1, keepdim=True)
+    return torch.where(inside, (dy - y * proj) / norm.clamp_min(_ref.NORMALIZE_EPS), dy / _ref.NORMALIZE_EPS)
 
 
 def composite_backward(dout: Tensor, qkv: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
                        bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], scale: float,
                        logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True)):
-    """Gradients of :func:`window_attention_composite` by recomputing it under autograd (the
-    custom op's backward when the extension is absent)."""
-    inputs = [qkv, bias_table, pad_qkv, logit_scale]
-    wanted = [i for i, t in enumerate(inputs) if t is not None and (i == 0 or needs[i])]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(inputs)]
-        out = window_attention_composite(leaves[0], num_heads, window_size, shift_size, leaves[1], leaves[2],
-                                         scale, leaves[3])
-        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], dout, allow_unused=True)
-    result = [None, None, None, None]
-    for i, g in zip(wanted, grads):
-        result[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(result)
+    """Gradients of the composition written out with tensor ops (no autograd: the custom op's
+    backward runs below the autograd dispatch key). Recomputes the probabilities."""
+    B, H, W, C3 = qkv.shape
+    wh, ww = window_size
+    p = _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale)
+    q, k, v, bias, ct, N, nW, C = p["q"], p["k"], p["v"], p["bias"], p["ct"], p["N"], p["nW"], p["C"]
+    s = (q * p["scale"]) @ k.transpose(-2, -1)
+    if bias is not None:
+        s = s + bias
+    prob = torch.softmax(s, dim=-1)                                           # (B, nW, nH, N, N)
+    do = _gather_windows(dout, p["gather"], p["pad_mask"], None).to(ct)     # padded rows: 0
+    do = do.view(B, nW, N, num_heads, p["d"]).transpose(2, 3)                # (B, nW, nH, N, d)
+    dv = prob.transpose(-2, -1) @ do
+    dp = do @ v.transpose(-2, -1)
+    ds = prob * (dp - (prob * dp).sum(-1, keepdim=True))
+    dq = (ds @ k) * p["scale"]
+    dk = ds.transpose(-2, -1) @ (q * p["scale"])
+    dtable = dlogit = None
+    if bias_table is not None and needs[1]:
+        idx = _ref.relative_position_index(wh, ww, device=qkv.device).view(-1)
+        per_pair = ds.sum(dim=(0, 1)).permute(1, 2, 0).reshape(N * N, num_heads)
+        dtable = torch.zeros(bias_table.shape, dtype=ct, device=qkv.device).index_add_(0, idx, per_pair)
+        dtable = dtable.to(bias_table.dtype)
+    if logit_scale is not None:
+        # q' = q_hat * m: d(q_hat) = m dq', dm = <q_hat, dq'> summed, then through normalize
+        factor = p["factor"]
+        q_hat = q / factor
+        if needs[3]:
+            dm = (q_hat * dq).sum(dim=(0, 1, 3, 4))
+            raw = logit_scale.reshape(-1).to(ct)
+            dlogit = (dm * factor.view(-1) * (raw <= LOGIT_SCALE_MAX).to(ct)).to(logit_scale.dtype)
+            dlogit = dlogit.view(logit_scale.shape)
+        raw_q, raw_k, _ = p["rows"].view(B, nW, N, 3, num_heads, p["d"]).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        dq = _normalize_backward(raw_q, dq * factor)
+        dk = _normalize_backward(raw_k, dk)
+    drows = torch.stack((dq, dk, dv)).permute(1, 2, 4, 0, 3, 5).reshape(B, nW * N, C3)
+    dpad = None
+    if pad_qkv is not None and needs[2]:
+        if p["pad_mask"] is not None:
+            weight = p["pad_mask"].to(device=qkv.device, dtype=ct).view(1, -1, 1)
+            dpad = (drows * weight).sum(dim=(0, 1))
+            dpad[:C] = 0  # padded queries' outputs are dropped
+            dpad = dpad.to(pad_qkv.dtype)
+        else:
+            dpad = torch.zeros_like(pad_qkv)
+    dqkv = drows.index_select(1, p["scatter"].to(qkv.device)).view(B, H, W, C3).to(qkv.dtype)
+    return dqkv, dtable, dpad, dlogit
