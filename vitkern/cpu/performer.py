@@ -31,7 +31,7 @@ Saved state between forward and backward (besides q, k, v, W): ``rden`` (rows, f
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -89,9 +89,17 @@ def _key_features(lk: Tensor, c_k: Tensor, feature_eps: float) -> Tensor:
     return pk
 
 
+def _fold(kv1: Tensor, out_weight: Tensor, e: int) -> Tensor:
+    """[KV W_out^T, ks] from [KV, ks]: the output Linear folded into the key summary."""
+    return torch.cat([torch.matmul(kv1[..., :e], out_weight.t()), kv1[..., e:]], dim=-1)
+
+
 def performer_fwd_native(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: float,
-                         feature_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Forward on the native path. Returns ``(out, rden, c_k, kv1)``: see module doc."""
+                         feature_eps: float, out_weight: Optional[Tensor] = None,
+                         out_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward on the native path. Returns ``(out, rden, c_k, kv1)``: see module doc. With
+    ``out_weight`` (single head only) ``out = residual + out_bias + y out_weight^T``."""
     ct = compute_dtype(q.dtype)
     qf, kf, vf = _flat(q, ct), _flat(k, ct), _flat(v, ct)
     w = projection.to(ct)
@@ -104,41 +112,62 @@ def performer_fwd_native(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, ep
     pk = _key_features(lk, c_k, feature_eps)
 
     kv1 = torch.cat([torch.bmm(pk.transpose(1, 2), vf), pk.sum(dim=1).unsqueeze(-1)], dim=-1)
-    nd = torch.bmm(pq, kv1)
-    den = nd[..., e:]
+    kvq = kv1 if out_weight is None else _fold(kv1, out_weight.to(ct), e)
+    e_out = kvq.shape[-1] - 1
+    nd = torch.bmm(pq, kvq)
+    den = nd[..., e_out:]
     if eps != 0.0:
         c_q = mq - 0.5 * (qf * qf).sum(dim=-1, keepdim=True)
         expo = (math.log(eps) - c_q - c_k.view(-1, 1, 1)).clamp_(max=eps_exponent_limit(ct))
         den = den + m * expo.exp_()
     rden = den.reciprocal().squeeze(-1)
-    out = output_layout(q, v)
-    torch.mul(nd[..., :e].view(out.shape), rden.view(out.shape[:-1] + (1,)), out=out)
+    if out_weight is None:
+        out = output_layout(q, v)
+        torch.mul(nd[..., :e].view(out.shape), rden.view(out.shape[:-1] + (1,)), out=out)
+    else:
+        y = nd[..., :e_out] * rden.unsqueeze(-1)
+        if out_bias is not None:
+            y = y + out_bias.to(ct)
+        if residual is not None:
+            y = y + residual.to(ct)
+        out = y.to(q.dtype)
     return out, rden, c_k, kv1
 
 
 def performer_bwd_native(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
-                         rden: Tensor, c_k: Tensor, kv1: Tensor, feature_eps: float, need_dw: bool
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward on the native path: ``(dq, dk, dv, dw)`` (``dw`` empty unless ``need_dw``)."""
+                         rden: Tensor, c_k: Tensor, kv1: Tensor, feature_eps: float, need_dw: bool,
+                         out_weight: Optional[Tensor] = None, need_dout_weight: bool = False
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward on the native path: ``(dq, dk, dv, dw, dout_weight)`` (``dw`` and ``dout_weight``
+    empty unless asked for)."""
     ct = compute_dtype(q.dtype)
     qf, kf, vf, g = _flat(q, ct), _flat(k, ct), _flat(v, ct), _flat(grad, ct)
     w = projection.to(ct)
     wt = w.t()
     e = vf.shape[-1]
     r = rden.unsqueeze(-1)
-    kv, ks = kv1[..., :e], kv1[..., e:]
+    wo = out_weight.to(ct) if out_weight is not None else None
+    kvq = kv1 if wo is None else _fold(kv1, wo, e)
+    e_out = kvq.shape[-1] - 1
+    kvm, ks = kvq[..., :e_out], kvq[..., e_out:]
 
     # Queries. G.y is computed as r * rowsum(Pq * (G KV^T)) rather than from the stored output:
     # the output need not be kept, and for half inputs the row sum stays in full precision.
     pq, _ = _query_features(qf, wt, feature_eps)
-    a = torch.bmm(g, kv.transpose(1, 2))
+    a = torch.bmm(g, kvm.transpose(1, 2))
     delta = (pq * a).sum(dim=-1, keepdim=True).mul_(r)
     dpq = torch.baddbmm(a, delta, ks.transpose(1, 2), alpha=-1.0).mul_(r)
     pqr = pq * r
-    dkv = torch.bmm(pqr.transpose(1, 2), g)
+    dm = torch.bmm(pqr.transpose(1, 2), g)
     dks = torch.bmm(pqr.transpose(1, 2), delta).neg_()
     dlq = dpq.mul_(pq.sub_(feature_eps) if feature_eps != 0.0 else pq)
     dq = torch.matmul(dlq, w).sub_(qf * dlq.sum(dim=-1, keepdim=True))
+    if wo is None:
+        dkv, dwo = dm, projection.new_empty(0)
+    else:
+        dkv = torch.matmul(dm, wo)
+        dwo = (torch.einsum("bmo,bme->oe", dm, kv1[..., :e]).to(out_weight.dtype)
+               if need_dout_weight else projection.new_empty(0))
 
     # Keys and values.
     pk = _key_features(_key_logits(kf, wt), c_k, feature_eps)
@@ -153,17 +182,25 @@ def performer_bwd_native(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, projecti
     else:
         dw = projection.new_empty(0)
     return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype),
-            dv.view(v.shape).to(v.dtype), dw)
+            dv.view(v.shape).to(v.dtype), dw, dwo)
 
 
-def performer_fwd(q, k, v, projection, eps, feature_eps):
+def performer_fwd(q, k, v, projection, eps, feature_eps, out_weight=None, out_bias=None,
+                  residual=None):
+    """``(out, rden, c_k, kv1)`` on the C++ kernels when built, else the native composition."""
     if uses_extension():
-        return tuple(torch.ops.vitkern_cpu.performer_fwd(q, k, v, projection, eps, feature_eps))
-    return performer_fwd_native(q, k, v, projection, eps, feature_eps)
+        return tuple(torch.ops.vitkern_cpu.performer_fwd(
+            q, k, v, projection, out_weight, out_bias, residual, eps, feature_eps))
+    return performer_fwd_native(q, k, v, projection, eps, feature_eps, out_weight, out_bias,
+                                residual)
 
 
-def performer_bwd(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw):
+def performer_bwd(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw,
+                  out_weight=None, need_dout_weight=False):
+    """``(dq, dk, dv, dw, dout_weight)`` on the C++ kernels when built, else natively."""
     if uses_extension():
         return tuple(torch.ops.vitkern_cpu.performer_bwd(
-            grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw))
-    return performer_bwd_native(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw)
+            grad, q, k, v, projection, out_weight, rden, c_k, kv1, feature_eps, need_dw,
+            need_dout_weight))
+    return performer_bwd_native(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw,
+                                out_weight, need_dout_weight)

@@ -11,7 +11,7 @@ argument, so redrawing it never recompiles anything.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from vitkern._validation import CPU_DTYPES, FLOAT_DTYPES, check_dtype, check_sam
 from vitkern.cpu import performer as _cpu
 from vitkern.reference import performer as _reference
 
-__all__ = ["performer_attention"]
+__all__ = ["performer_attention", "performer_attention_proj"]
 
 OP = "performer_attention"
 _PROJECTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,14 +36,17 @@ def _performer_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: flo
     return _cpu.performer_fwd(q, k, v, projection, eps, feature_eps)
 
 
-@_performer_fwd.register_fake
-def _performer_fwd_fake(q, k, v, projection, eps, feature_eps):
+def _saved_fakes(q, v, projection):
     ct = _cpu.compute_dtype(q.dtype)
     n, m, e = q.shape[-2], projection.shape[0], v.shape[-1]
     bh = math.prod(q.shape[:-2])
-    out = _cpu.output_layout(q, v)
-    return (out, q.new_empty((bh, n), dtype=ct), q.new_empty((bh,), dtype=ct),
+    return (q.new_empty((bh, n), dtype=ct), q.new_empty((bh,), dtype=ct),
             q.new_empty((bh, m, e + 1), dtype=ct))
+
+
+@_performer_fwd.register_fake
+def _performer_fwd_fake(q, k, v, projection, eps, feature_eps):
+    return (_cpu.output_layout(q, v),) + _saved_fakes(q, v, projection)
 
 
 @torch.library.custom_op("vitkern::performer_bwd", mutates_args=(), device_types="cpu")
@@ -51,7 +54,8 @@ def _performer_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Te
                    rden: Tensor, c_k: Tensor, kv1: Tensor, feature_eps: float,
                    need_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv, dw)``; ``dw`` is empty unless ``need_dw``."""
-    return _cpu.performer_bwd(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw)
+    return _cpu.performer_bwd(grad, q, k, v, projection, rden, c_k, kv1, feature_eps,
+                              need_dw)[:4]
 
 
 @_performer_bwd.register_fake
@@ -77,6 +81,63 @@ def _backward(ctx, grad_out, *_unused):
 
 
 _performer_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Single-head attention with its output Linear (and an optional residual) folded in:
+# out = residual + bias + attention(q, k, v) weight^T, for TokenPerformer.
+
+@torch.library.custom_op("vitkern::performer_proj_fwd", mutates_args=(), device_types="cpu")
+def _performer_proj_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+                        feature_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _cpu.performer_fwd(q, k, v, projection, eps, feature_eps, weight, bias, residual)
+
+
+@_performer_proj_fwd.register_fake
+def _performer_proj_fwd_fake(q, k, v, projection, weight, bias, residual, eps, feature_eps):
+    out = q.new_empty(tuple(q.shape[:-1]) + (weight.shape[0],))
+    return (out,) + _saved_fakes(q, v, projection)
+
+
+@torch.library.custom_op("vitkern::performer_proj_bwd", mutates_args=(), device_types="cpu")
+def _performer_proj_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
+                        weight: Tensor, rden: Tensor, c_k: Tensor, kv1: Tensor,
+                        feature_eps: float, need_dw: bool, need_dweight: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _cpu.performer_bwd(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw,
+                              weight, need_dweight)
+
+
+@_performer_proj_bwd.register_fake
+def _performer_proj_bwd_fake(grad, q, k, v, projection, weight, rden, c_k, kv1, feature_eps,
+                             need_dw, need_dweight):
+    dw = torch.empty_like(projection) if need_dw else projection.new_empty(0)
+    dweight = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw, dweight)
+
+
+def _proj_setup_context(ctx, inputs, output):
+    q, k, v, projection, weight, bias, residual, eps, feature_eps = inputs
+    _, rden, c_k, kv1 = output
+    ctx.save_for_backward(q, k, v, projection, weight, rden, c_k, kv1)
+    ctx.feature_eps = feature_eps
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.mark_non_differentiable(rden, c_k, kv1)
+
+
+def _proj_backward(ctx, grad_out, *_unused):
+    q, k, v, projection, weight, rden, c_k, kv1 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk, dv, dw, dweight = _performer_proj_bwd(
+        grad_out, q, k, v, projection, weight, rden, c_k, kv1, ctx.feature_eps,
+        bool(need[3]), bool(need[4]))
+    dbias = grad_out.sum(dim=(0, 1)) if ctx.has_bias and need[5] else None
+    dres = grad_out if ctx.has_residual and need[6] else None
+    return (dq, dk, dv, dw if need[3] else None, dweight if need[4] else None, dbias, dres,
+            None, None)
+
+
+_performer_proj_fwd.register_autograd(_proj_backward, setup_context=_proj_setup_context)
 
 
 # --------------------------------------------------------------------------- validation
@@ -164,3 +225,44 @@ def _triton(q, k, v, projection, eps, feature_eps):
     if reason is False:
         raise ValueError(f"{OP}: backend='triton' cannot take this input")
     return _ops.performer_attention_triton(q, k, v, projection, eps=eps, feature_eps=feature_eps)
+
+
+def performer_attention_proj(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, weight: Tensor,
+                             bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                             eps: float = 1e-8, feature_eps: float = 0.0,
+                             backend: str = "auto") -> Tensor:
+    """``residual + F.linear(performer_attention(q, k, v, projection, eps, feature_eps), weight,
+    bias)`` for single-head ``(B, N, d)`` inputs, with the Linear folded into the attention on the
+    CPU path: ``y W^T = r Pq (KV W^T)``, so its ``N x d_v x e_out`` GEMM becomes an ``m x d_v x
+    e_out`` one and the attention output is never materialized. Other backends compose the op
+    with ``F.linear``. ``weight``: ``(e_out, d_v)``; ``bias``: ``(e_out,)``; ``residual``:
+    ``(B, N, e_out)``.
+    """
+    _check_inputs(q, k, v, projection, eps, feature_eps)
+    if q.dim() != 3:
+        raise ValueError(f"{OP}_proj: q must be single-head (B, N, d), got shape {tuple(q.shape)}")
+    check_tensor(OP, "weight", weight, 2)
+    if weight.shape[1] != v.shape[-1]:
+        raise ValueError(f"{OP}_proj: weight of shape {tuple(weight.shape)} must have "
+                         f"{v.shape[-1]} columns (d_v)")
+    e_out = weight.shape[0]
+    if bias is not None:
+        check_tensor(OP, "bias", bias, 1)
+        if bias.shape[0] != e_out:
+            raise ValueError(f"{OP}_proj: bias of shape {tuple(bias.shape)} must be ({e_out},)")
+    if residual is not None:
+        check_tensor(OP, "residual", residual, 3)
+        if tuple(residual.shape) != tuple(q.shape[:-1]) + (e_out,):
+            raise ValueError(f"{OP}_proj: residual of shape {tuple(residual.shape)} must be "
+                             f"{tuple(q.shape[:-1]) + (e_out,)}")
+    check_same(OP, {"q": q, "weight": weight, "bias": bias, "residual": residual}, "device")
+    chosen = _backend.resolve(backend, q.device, OP)
+    eps, feature_eps = float(eps), float(feature_eps)
+    if chosen == "cpu" and weight.dtype == q.dtype and (bias is None or bias.dtype == q.dtype) \
+            and (residual is None or residual.dtype == q.dtype):
+        out, _, _, _ = _performer_proj_fwd(q, k, v, projection, weight, bias, residual, eps,
+                                           feature_eps)
+        return out
+    y = performer_attention(q, k, v, projection, eps, feature_eps, backend=chosen)
+    y = torch.nn.functional.linear(y, weight, bias)
+    return y if residual is None else residual + y

@@ -13,12 +13,55 @@ import warnings
 from typing import Optional, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vitkern.functional.performer import performer_attention
+from vitkern.functional.performer import performer_attention, performer_attention_proj
 from vitkern.reference.performer import gaussian_orthogonal_projection, orthogonal_projection
 
 __all__ = ["TokenPerformer", "PerformerAttention"]
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    """``linear(layer_norm(x))`` that keeps ``x`` (the layer's input, alive anyway) and the row
+    statistics instead of the normalized activations, and recomputes those in backward: one
+    LayerNorm pass traded for a ``(B, N, dim)`` activation."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, norm_eps, weight, bias):
+        xn, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias,
+                                                 norm_eps)
+        out = F.linear(xn, weight, bias)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
+        ctx.norm_eps = norm_eps
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+        need_x, need_nw, need_nb, _, need_w, need_b = ctx.needs_input_grad
+        dim = x.shape[-1]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dweight = dbias = None
+        if need_w:
+            xn = torch.native_layer_norm(x, (dim,), norm_weight, norm_bias, ctx.norm_eps)[0]
+            dweight = g2.t().mm(xn.reshape(-1, dim))
+        if need_b and ctx.has_bias:
+            dbias = g2.sum(0)
+        dx = dnw = dnb = None
+        if need_x or need_nw or need_nb:
+            dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
+                grad.matmul(weight), x, [dim], mean, rstd, norm_weight, norm_bias,
+                [need_x, need_nw and norm_weight is not None, need_nb and norm_bias is not None])
+        return dx, dnw, dnb, None, dweight, dbias
+
+
+def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """``linear(norm(x))``; under autograd the normalized ``x`` is recomputed in backward."""
+    if not torch.is_grad_enabled() or len(norm.normalized_shape) != 1:
+        return linear(norm(x))
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 class TokenPerformer(nn.Module):
@@ -34,6 +77,11 @@ class TokenPerformer(nn.Module):
     ``head_cnt`` is; so does this layer. ``w`` (``m = int(emb * kernel_ratio)`` orthogonal rows
     scaled by ``sqrt(m)``) is a frozen Parameter, as in T2T, so it lives in the state_dict.
     Unlike T2T's formula, the attention is stabilized: large-norm tokens give finite outputs.
+
+    How it is faster and smaller than the formula, with the same result: ``proj`` is folded into
+    the attention (``performer_attention_proj``: ``y W^T = r Pq (KV W^T)``), with the residual
+    added in its epilogue when dropout is off; ``norm1(x)`` is recomputed in backward rather
+    than kept; the attention keeps O(m d) state per batch instead of its feature maps.
     """
 
     def __init__(self, dim: int, in_dim: int, head_cnt: int = 1, kernel_ratio: float = 0.5,
@@ -53,10 +101,23 @@ class TokenPerformer(nn.Module):
         self.w = nn.Parameter(orthogonal_projection(self.m, self.emb), requires_grad=False)
         self.backend = backend
 
+    def single_attn(self, x: torch.Tensor) -> torch.Tensor:
+        """T2T's ``single_attn`` on already normalized tokens: ``v + dropout(proj(attn))``."""
+        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        return self._attend(k, q, v)
+
+    def _attend(self, k, q, v):
+        if self.training and self.dp.p > 0:
+            z = performer_attention_proj(q, k, v, self.w, self.proj.weight, self.proj.bias,
+                                         eps=self.epsilon, backend=self.backend)
+            return v + self.dp(z)
+        return performer_attention_proj(q, k, v, self.w, self.proj.weight, self.proj.bias,
+                                        residual=v, eps=self.epsilon, backend=self.backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, q, v = torch.split(self.kqv(self.norm1(x)), self.emb, dim=-1)
-        y = performer_attention(q, k, v, self.w, eps=self.epsilon, backend=self.backend)
-        y = v + self.dp(self.proj(y))
+        kqv = layer_norm_linear(x, self.norm1, self.kqv)
+        y = self._attend(*torch.split(kqv, self.emb, dim=-1))
+        del kqv  # in inference the (B, N, 3 emb) projection can go before the MLP runs
         return y + self.mlp(self.norm2(y))
 
 
