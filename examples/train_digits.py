@@ -94,8 +94,9 @@ class History:
 def train(model: nn.Module, data: Digits, epochs: int = 20, batch_size: int = 64, lr: float = 3e-3,
           weight_decay: float = 0.05, seed: int = 0, max_steps: Optional[int] = None,
           log: Optional[Callable[[str], None]] = print, evaluate: bool = True) -> History:
-    """AdamW with a linear warm-up (one epoch) and cosine decay; the batch order comes from
-    ``seed`` alone, so two models trained with the same seed see the same batches."""
+    """AdamW with a linear warm-up (one epoch) and cosine decay. The batch order and the random
+    draws of stochastic depth come from ``seed`` alone, so two models trained with the same seed
+    see the same batches and drop the same paths."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
@@ -107,6 +108,7 @@ def train(model: nn.Module, data: Digits, epochs: int = 20, batch_size: int = 64
         return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     order_gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     hist = History()
     step = 0
     start = time.perf_counter()
