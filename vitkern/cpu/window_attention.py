@@ -100,7 +100,18 @@ class WindowAttentionFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Native PyTorch composition (fallback without the extension)
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
+def _cached(fn):
+    """lru_cache for eager calls; under torch.compile the plain function is traced (dynamo would
+    ignore the cache anyway, with a warning)."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+    return call
+
+
+@_cached
 def _window_index(H: int, W: int, wh: int, ww: int, sh: int, sw: int):
     """For the padded, shifted image in window order: the flat image index of every slot (0 for
     padded slots), which slots are padded, and for every image token its slot. Pure index
@@ -122,7 +133,7 @@ def _window_index(H: int, W: int, wh: int, ww: int, sh: int, sw: int):
     return gather, is_pad, scatter.reshape(-1)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached
 def _region_mask(H: int, W: int, wh: int, ww: int, sh: int, sw: int) -> Optional[Tensor]:
     """(nW, N, N) bool, True where query and key lie in different shift regions; None without
     a shift."""
