@@ -289,3 +289,25 @@ def test_triton_path_interpreter(kind):
     assert rel_err(out, ref_out) < 1e-5
     for name, g in ref_grads.items():
         assert rel_err(grads[name], g) < TOL, name
+
+
+def test_qk_norm_deepcopy_and_pickle():
+    import io
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              qk_norm=True).eval()
+    _randomize_zero_params(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    assert patch(model, strict=True).counts() == {"attention": 2}
+    with torch.no_grad():
+        assert rel_err(model(x), before) < TOL
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (twin, loaded):
+        assert unpatch(m) == 2 and type(m.blocks[0].attn) is timm.layers.Attention
+        with torch.no_grad():
+            assert torch.equal(m(x), before)
