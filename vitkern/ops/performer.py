@@ -63,7 +63,7 @@ are split the same way, ``delta`` is formed from the same ``r`` and ``g`` from t
 dots throughout (no tf32: logit errors go through ``exp``).
 
 Kernels: :func:`_key_partial_kernel`, :func:`_key_combine_kernel`, :func:`_query_fwd_kernel`,
-:func:`_query_bwd_kernel`, :func:`_key_bwd_kernel`.
+:func:`_query_bwd_kernel`, :func:`_query_sums_kernel`, :func:`_key_bwd_kernel`.
 Launchers: :func:`performer_forward`, :func:`performer_backward`; differentiable entry point
 :func:`performer_attention_triton`; :func:`supports`; :func:`aot_specs`.
 """
@@ -104,10 +104,17 @@ CONFIGS = {
     ("fp32", 128): [(32, 8, 1), (16, 4, 1)],
     ("fp32", 256): [(16, 8, 1), (32, 8, 1)],
 }
-# Column tiles: d is looped in BLOCK_DK chunks; d_v in BLOCK_DV chunks (a grid dimension where
-# an m x d_v accumulator lives across row blocks). Wider feature maps take narrower d_v tiles.
-BLOCK_DK_MAX = 64
-BLOCK_DV_MAX = {16: 128, 32: 128, 64: 64, 128: 64, 256: 32}
+# Column tiles: d is looped in BLOCK_DK chunks and d_v in BLOCK_DC chunks wherever a row block
+# is computed (narrow chunks keep few registers live); BLOCK_DV is the d_v tile of the kernels
+# whose m x d_v accumulator lives across row blocks (a grid dimension). Wider feature maps take
+# narrower accumulator tiles.
+BLOCK_DK_MAX = 32
+# fp32 inputs: every product is 6 bf16 tensor-core products (a 3-way bf16 split of each operand
+# carries all 24 mantissa bits; the three dropped cross terms are below 2^-24 relative): fp32
+# accuracy without the FMA path's register pressure.
+FP32_DOT_PRECISION = "bf16x6"
+BLOCK_DC_MAX = 32
+BLOCK_DV_MAX = {16: 128, 32: 64, 64: 64, 128: 32, 256: 32}
 
 # Under TRITON_INTERPRET=1 there is nothing to tune and every program costs numpy calls: one
 # fixed tile, large enough to be fast, small enough that test shapes cross block boundaries.
@@ -119,6 +126,16 @@ def operand_kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot``. For fp32 inputs an ieee (FMA) dot holds whole
+    operand rows per thread and spills at these tile shapes (an m-wide operand); bf16x6 runs
+    them on tensor cores at fp32 accuracy instead. Half precision operands ignore the setting
+    (plain mma with fp32 accumulation)."""
+    if dtype != torch.float32 or interpreter_on():
+        return "ieee"  # the interpreter accepts only tf32/tf32x3/ieee and multiplies in numpy
+    return FP32_DOT_PRECISION
+
+
 def block_for(n: int) -> int:
     """Padded tile width for a feature / head dimension: a power of two, at least 16."""
     return max(16, triton.next_power_of_2(n))
@@ -127,7 +144,16 @@ def block_for(n: int) -> int:
 def tile_sizes(d: int, dv: int, m: int) -> Dict[str, int]:
     block_m = block_for(m)
     return {"BLOCK_M": block_m, "BLOCK_DK": min(block_for(d), BLOCK_DK_MAX),
-            "BLOCK_DV": min(block_for(dv), BLOCK_DV_MAX[block_m])}
+            "BLOCK_DV": min(block_for(dv), BLOCK_DV_MAX[block_m]),
+            "BLOCK_DC": min(block_for(dv), BLOCK_DC_MAX)}
+
+
+def blocks_for(kernel, blocks: Dict[str, int]) -> Dict[str, int]:
+    """The subset of ``blocks`` that ``kernel`` takes."""
+    fn = kernel
+    while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # Autotuner wrappers
+        fn = fn.fn
+    return {k: v for k, v in blocks.items() if k in fn.arg_names}
 
 
 def _configs():
@@ -162,7 +188,7 @@ def _tuned(kernel, x_arg: str):
 @triton.jit
 def _feature_logits(X, x_base, stride_xn, offs_n, n_mask, WH, WL, D, M,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    SPLIT: tl.constexpr):
+                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The two parts of the logits ``x W^T - |x|^2 / 2`` of a block of rows:
     ``(x W^T`` (BLOCK_N, BLOCK_M) fp32, ``|x|^2 / 2`` (BLOCK_N,) fp32``).
 
@@ -184,10 +210,10 @@ def _feature_logits(X, x_base, stride_xn, offs_n, n_mask, WH, WL, D, M,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         w_offs = offs_f[None, :] * D + offs_d[:, None]          # W^T tile: (BLOCK_DK, BLOCK_M)
         w_mask = (offs_f[None, :] < M) & d_mask[:, None]
-        acc = tl.dot(x, tl.load(WH + w_offs, mask=w_mask, other=0.0), acc, input_precision="ieee")
+        acc = tl.dot(x, tl.load(WH + w_offs, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
         if SPLIT:
             acc = tl.dot(x, tl.load(WL + w_offs, mask=w_mask, other=0.0), acc,
-                         input_precision="ieee")
+                         input_precision=DOT_PRECISION)
         xf = x.to(tl.float32)
         sq += tl.sum(xf * xf, axis=1)
     return acc, 0.5 * sq
@@ -195,7 +221,7 @@ def _feature_logits(X, x_base, stride_xn, offs_n, n_mask, WH, WL, D, M,
 
 @triton.jit
 def _input_grad(G_ptr, g_base, stride_gn, X, x_base, stride_xn, offs_n, n_mask, dl, WH, D, M,
-                BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Store ``dx = W^T dl - x * sum_f dl`` for a block of rows, from the logit gradient
     ``dl`` (BLOCK_N, BLOCK_M) fp32 (zero on padded rows/features).
 
@@ -216,7 +242,7 @@ def _input_grad(G_ptr, g_base, stride_gn, X, x_base, stride_xn, offs_n, n_mask, 
                     mask=(offs_f[:, None] < M) & d_mask[None, :], other=0.0)
         mask = n_mask[:, None] & d_mask[None, :]
         x = tl.load(X + x_base + rows_x[:, None] + offs_d[None, :], mask=mask, other=0.0)
-        dx = tl.dot(dl_op, w, input_precision="ieee") * scale[:, None] \
+        dx = tl.dot(dl_op, w, input_precision=DOT_PRECISION) * scale[:, None] \
             - x.to(tl.float32) * dl_sum[:, None]
         tl.store(G_ptr + g_base + rows_g[:, None] + offs_d[None, :],
                  dx.to(G_ptr.dtype.element_ty), mask=mask)
@@ -228,23 +254,24 @@ def _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe, l
     """Stabilised, normalised feature weights of a block of queries.
 
     ``wx``, ``half_sq``: the logit parts of :func:`_feature_logits`. With ``t = x W^T + alpha``
-    and ``c_t`` its row max, returns ``(ex, w, inv_den)``:
-    ``ex = exp(t - c_t)``, ``w = (ex + fe) * beta`` (the weight of each feature's ``KVn`` row)
-    and ``1 / D`` with ``D = sum_f w + exp(log_eps + gamma - c_t + |x|^2/2)`` (the eps term,
-    added by logaddexp in the log domain, so no intermediate overflows: where it dominates
-    beyond fp32's range the weights become 0). The forward and backward both call this, so the
-    backward's weights are normalised exactly as the forward's. Padded rows/features give 0.
+    and ``c_t`` its row max, ``w = (exp(t - c_t) + fe) * beta`` and
+    ``D = sum_f w + exp(log_eps + gamma - c_t + |x|^2/2)`` (the eps term, added by logaddexp in
+    the log domain, so no intermediate overflows: where it dominates beyond fp32's range the
+    weights become 0), returns ``(omega, inv_den)``: ``omega = w / D`` (BLOCK_N, BLOCK_M), the
+    weight of each feature's ``KVn`` row, in [0, 1] with row sums <= 1, and ``1 / D``. The
+    forward and backward both call this, so the backward's weights are normalised exactly as
+    the forward's. Padded rows/features give 0.
     """
     alpha = tl.load(STATS + st_base + offs_f, mask=f_mask, other=0.0)
     beta = tl.load(STATS + st_base + M + offs_f, mask=f_mask, other=0.0)
     t = tl.where(f_mask[None, :], wx + alpha[None, :], float("-inf"))
     c_t = tl.max(t, axis=1)
     valid = n_mask[:, None] & f_mask[None, :]
-    ex = tl.where(valid, tl.exp(t - c_t[:, None]), 0.0)
+    w = tl.exp(tl.where(valid, t - c_t[:, None], float("-inf")))
     if HAS_FE:
-        w = tl.where(valid, (ex + fe) * beta[None, :], 0.0)
+        w = tl.where(valid, (w + fe) * beta[None, :], 0.0)
     else:
-        w = ex * beta[None, :]
+        w = w * beta[None, :]
     log_den = tl.log(tl.where(n_mask, tl.sum(w, axis=1), 1.0))  # relative to c_t
     if HAS_EPS:
         gamma = tl.load(STATS + st_base + 4 * M)
@@ -252,7 +279,7 @@ def _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe, l
         hi = tl.maximum(log_den, x)
         log_den = hi + tl.log(1.0 + tl.exp(-tl.abs(log_den - x)))
     inv_den = tl.where(n_mask, tl.exp(-log_den), 0.0)
-    return ex, w, inv_den
+    return w * inv_den[:, None], inv_den
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +290,8 @@ def _key_partial_kernel(K, V, WH, WL, MP, SP, AP, VP,
                         stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                         H, N, D, DV, M, CHUNK, NUM_CHUNKS,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, HAS_FE: tl.constexpr):
+                        BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, HAS_FE: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """Key pass: partial per-feature key summaries of one chunk of keys.
 
     K: (B, H, N, d), V: (B, H, N, d_v), any strides with the last dim contiguous.
@@ -299,7 +327,7 @@ def _key_partial_kernel(K, V, WH, WL, MP, SP, AP, VP,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < stop
         wx, half_sq = _feature_logits(K, k_base, stride_kn, offs_n, n_mask, WH, WL, D, M,
-                                      BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT)
+                                      BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
         logit = wx - half_sq[:, None]
         # Padded rows never win the max; padded features stay finite (their sums are dropped).
         logit = tl.where(n_mask[:, None], logit, float("-inf"))
@@ -310,7 +338,7 @@ def _key_partial_kernel(K, V, WH, WL, MP, SP, AP, VP,
         v = tl.load(V + v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_e[None, :],
                     mask=n_mask[:, None] & e_mask[None, :], other=0.0)
         a_run = a_run * rescale[:, None]
-        a_run = tl.dot(tl.trans(p.to(v.dtype)), v, a_run, input_precision="ieee")
+        a_run = tl.dot(tl.trans(p.to(v.dtype)), v, a_run, input_precision=DOT_PRECISION)
         s_run = s_run * rescale + tl.sum(p, axis=0)
         if HAS_FE:
             v_sum += tl.sum(v.to(tl.float32), axis=0)
@@ -409,15 +437,15 @@ def _query_fwd_kernel(Q, WH, WL, STATS, KVN, O,
                       stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
                       H, N, D, DV, M, log_eps, fe,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, HAS_EPS: tl.constexpr,
-                      HAS_FE: tl.constexpr):
+                      BLOCK_DC: tl.constexpr, SPLIT: tl.constexpr, HAS_EPS: tl.constexpr,
+                      HAS_FE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Query pass: the outputs.
 
     Q: (B, H, N, d); O: (B, H, N, d_v) (any strides, last dim contiguous).
     Grid: (cdiv(N, BLOCK_N), B*H). Per block of queries: logits (split-projection tl.dot), the
-    normalised weights of :func:`_query_weights`, and ``y_i = sum_f w_if KVn_f / D_i`` with d_v
-    looped in BLOCK_DV tiles; the weights are scaled per row to [0, 1] before the tensor-core
-    product. Stores y in O's dtype. Nothing per row is saved: the backward recomputes the
+    normalised weights ``omega`` of :func:`_query_weights`, and ``y_i = sum_f omega_if KVn_f``
+    with d_v looped in BLOCK_DC tiles (omega is in [0, 1]: a safe tensor-core operand). Stores y
+    in O's dtype. Nothing per row is saved: the backward recomputes the
     weights (a few flops per feature) rather than reading a saved normaliser.
     """
     pid_n = tl.program_id(0)
@@ -433,22 +461,19 @@ def _query_fwd_kernel(Q, WH, WL, STATS, KVN, O,
     st_base = pid_bh.to(tl.int64) * 5 * M
 
     wx, half_sq = _feature_logits(Q, q_base, stride_qn, offs_n, n_mask, WH, WL, D, M,
-                                  BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT)
-    ex, w, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe,
+                                  BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
+    omega, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe,
                                     log_eps, HAS_FE, HAS_EPS)
-    w_max = tl.max(w, axis=1)
-    w_max = tl.where(w_max > 0.0, w_max, 1.0)
-    w_op = (w / w_max[:, None]).to(Q.dtype.element_ty)
-    out_scale = w_max * inv_den
+    omega_op = omega.to(Q.dtype.element_ty)  # in [0, 1], largest entry >= 1/m
 
     rows_o = offs_n.to(tl.int64) * stride_on
     kv_base = KVN + pid_bh.to(tl.int64) * M * DV
-    for e0 in range(0, DV, BLOCK_DV):
-        offs_e = e0 + tl.arange(0, BLOCK_DV)
+    for e0 in range(0, DV, BLOCK_DC):
+        offs_e = e0 + tl.arange(0, BLOCK_DC)
         e_mask = offs_e < DV
         kv = tl.load(kv_base + offs_f[:, None] * DV + offs_e[None, :],
                      mask=f_mask[:, None] & e_mask[None, :], other=0.0)
-        y = tl.dot(w_op, kv.to(Q.dtype.element_ty), input_precision="ieee") * out_scale[:, None]
+        y = tl.dot(omega_op, kv.to(Q.dtype.element_ty), input_precision=DOT_PRECISION)
         tl.store(O + o_base + rows_o[:, None] + offs_e[None, :], y.to(O.dtype.element_ty),
                  mask=n_mask[:, None] & e_mask[None, :])
 
@@ -457,40 +482,102 @@ def _query_fwd_kernel(Q, WH, WL, STATS, KVN, O,
 # Backward kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _query_bwd_kernel(Q, DO, WH, WL, STATS, KVN, DQ, GP, GSP, DA,
+def _query_bwd_kernel(Q, DO, WH, WL, STATS, KVN, DQ, DELTA, DA,
                       stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
                       stride_dqb, stride_dqh, stride_dqn,
-                      H, N, D, DV, M, CHUNK, NUM_CHUNKS, TILE0, log_eps, fe,
+                      H, N, D, DV, M, log_eps, fe,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, HAS_EPS: tl.constexpr,
-                      HAS_FE: tl.constexpr, COMPUTE_DQ: tl.constexpr, STORE_DA: tl.constexpr):
-    """Backward over queries: dq and the partial sums the key gradients need.
+                      BLOCK_DC: tl.constexpr, SPLIT: tl.constexpr, HAS_EPS: tl.constexpr,
+                      HAS_FE: tl.constexpr, STORE_DA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Backward over queries, per row: dq and delta.
 
-    Q, DO, DQ: (B, H, N, .) any strides (last dim contiguous).
-    Grid: (NUM_CHUNKS, B*H, n) covering d_v tiles TILE0 .. TILE0 + n - 1. A program loops over
-    the query blocks of one chunk of CHUNK rows, recomputes the normalised weights from q, and
-    accumulates for its d_v tile
-        GP[bh, chunk, f, e] = sum_i omega_if do_ie          (omega = w / D)
-    With COMPUTE_DQ (launched for the first d_v tile only) it also forms r = do KVn^T and
-    delta = do . y over all of d_v, accumulates GSP[bh, chunk, f] = sum_i omega_if delta_i, and
-    stores dq = W^T da - q sum_f da with da = exp(t - c) beta / D (r - delta)
-    (and da itself into DA (B*H, N, m) fp32 when STORE_DA, for the projection gradient).
+    Q, DO, DQ: (B, H, N, .) any strides (last dim contiguous); DELTA: (B*H, N) fp32.
+    Grid: (cdiv(N, BLOCK_N), B*H). Per block of queries: the normalised weights omega
+    (recomputed as in the forward), r = do KVn^T (d_v looped in BLOCK_DC chunks),
+    delta = do . y = sum_f omega_f r_f (stored for :func:`_query_sums_kernel`), and
+    dq = W^T da - q sum_f da with da = d omega / d t * (r - delta); da itself goes to DA
+    (B*H, N, m) fp32 when STORE_DA (projection gradient).
     """
-    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    pid_e = tl.program_id(2) + TILE0
     b = pid_bh // H
     h = pid_bh % H
     q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     dq_base = b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_f = tl.arange(0, BLOCK_M)
+    f_mask = offs_f < M
+    st_base = pid_bh.to(tl.int64) * 5 * M
+    kv_base = KVN + pid_bh.to(tl.int64) * M * DV
+    DT = Q.dtype.element_ty
+
+    wx, half_sq = _feature_logits(Q, q_base, stride_qn, offs_n, n_mask, WH, WL, D, M,
+                                  BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
+    omega, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe,
+                                    log_eps, HAS_FE, HAS_EPS)
+    # r = do KVn^T; KVn is split into high + low parts for half inputs because da takes
+    # differences r_f - delta that are much smaller than r itself.
+    rows_do = offs_n.to(tl.int64) * stride_don
+    r = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for e0 in range(0, DV, BLOCK_DC):
+        offs_c = e0 + tl.arange(0, BLOCK_DC)
+        c_mask = offs_c < DV
+        do_c = tl.load(DO + do_base + rows_do[:, None] + offs_c[None, :],
+                       mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        kv = tl.load(kv_base + offs_f[:, None] * DV + offs_c[None, :],
+                     mask=f_mask[:, None] & c_mask[None, :], other=0.0)
+        kv_hi = kv.to(DT)
+        r = tl.dot(do_c, tl.trans(kv_hi), r, input_precision=DOT_PRECISION)
+        if SPLIT:
+            kv_lo = (kv - kv_hi.to(tl.float32)).to(DT)
+            r = tl.dot(do_c, tl.trans(kv_lo), r, input_precision=DOT_PRECISION)
+    # delta = do . y with y = sum_f omega_f KVn_f: formed from the same r, so the differences
+    # r_f - delta are consistent (and the output is not read at all).
+    delta = tl.sum(omega * r, axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_n, delta, mask=n_mask)
+    # d omega / d t = exp(t - c) beta / D = omega - fe beta / D
+    if HAS_FE:
+        beta = tl.load(STATS + st_base + M + offs_f, mask=f_mask, other=0.0)
+        da = (omega - fe * beta[None, :] * inv_den[:, None]) * (r - delta[:, None])
+    else:
+        da = omega * (r - delta[:, None])
+    _input_grad(DQ, dq_base, stride_dqn, Q, q_base, stride_qn, offs_n, n_mask, da, WH,
+                D, M, BLOCK_M, BLOCK_DK, DOT_PRECISION)
+    if STORE_DA:
+        tl.store(DA + (pid_bh.to(tl.int64) * N + offs_n)[:, None] * M + offs_f[None, :], da,
+                 mask=n_mask[:, None] & f_mask[None, :])
+
+
+@triton.jit
+def _query_sums_kernel(Q, DO, WH, WL, STATS, DELTA, GP, GSP,
+                       stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                       H, N, D, DV, M, CHUNK, NUM_CHUNKS, log_eps, fe,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, HAS_EPS: tl.constexpr,
+                       HAS_FE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Backward over queries, reduced: the sums over queries the key gradients need.
+
+    Q, DO: (B, H, N, .) any strides (last dim contiguous); DELTA: (B*H, N) fp32 from
+    :func:`_query_bwd_kernel`. Grid: (NUM_CHUNKS, B*H, cdiv(d_v, BLOCK_DV)). A program loops over
+    the query blocks of one chunk of CHUNK rows, recomputes omega and accumulates
+        GP[bh, chunk, f, e] = sum_i omega_if do_ie     (its d_v tile; tensor-core product)
+        GSP[bh, chunk, f]   = sum_i omega_if delta_i   (first d_v tile only)
+    both from the same half-precision-rounded omega, so dKhat = G v - g stays consistent.
+    """
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_e = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     offs_f = tl.arange(0, BLOCK_M)
     f_mask = offs_f < M
     offs_e = pid_e * BLOCK_DV + tl.arange(0, BLOCK_DV)
     e_mask = offs_e < DV
     st_base = pid_bh.to(tl.int64) * 5 * M
-    kv_base = KVN + pid_bh.to(tl.int64) * M * DV
-    beta = tl.load(STATS + st_base + M + offs_f, mask=f_mask, other=0.0)
     DT = Q.dtype.element_ty
 
     g_mat = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -501,48 +588,20 @@ def _query_bwd_kernel(Q, DO, WH, WL, STATS, KVN, DQ, GP, GSP, DA,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < stop
         wx, half_sq = _feature_logits(Q, q_base, stride_qn, offs_n, n_mask, WH, WL, D, M,
-                                      BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT)
-        ex, w, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask,
+                                      BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
+        omega, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask,
                                         fe, log_eps, HAS_FE, HAS_EPS)
-        omega = w * inv_den[:, None]                # in [0, 1]: a safe tensor-core operand
-        omega_op = omega.to(DT)
-        rows_do = offs_n.to(tl.int64) * stride_don
-        do_t = tl.load(DO + do_base + rows_do[:, None] + offs_e[None, :],
+        omega_op = omega.to(DT)                     # in [0, 1]: a safe tensor-core operand
+        do_t = tl.load(DO + do_base + offs_n.to(tl.int64)[:, None] * stride_don + offs_e[None, :],
                        mask=n_mask[:, None] & e_mask[None, :], other=0.0)
-        g_mat = tl.dot(tl.trans(omega_op), do_t, g_mat, input_precision="ieee")
-        if COMPUTE_DQ:
-            # r = do KVn^T over all of d_v; KVn is split into high + low parts for half inputs
-            # because da takes differences r_f - delta that are much smaller than r.
-            r = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for e0 in range(0, DV, BLOCK_DV):
-                offs_c = e0 + tl.arange(0, BLOCK_DV)
-                c_mask = offs_c < DV
-                do_c = tl.load(DO + do_base + rows_do[:, None] + offs_c[None, :],
-                               mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-                kv = tl.load(kv_base + offs_f[:, None] * DV + offs_c[None, :],
-                             mask=f_mask[:, None] & c_mask[None, :], other=0.0)
-                kv_hi = kv.to(DT)
-                r = tl.dot(do_c, tl.trans(kv_hi), r, input_precision="ieee")
-                if SPLIT:
-                    kv_lo = (kv - kv_hi.to(tl.float32)).to(DT)
-                    r = tl.dot(do_c, tl.trans(kv_lo), r, input_precision="ieee")
-            # delta = do . y with y = sum_f omega_f KVn_f: from the same r, so the differences
-            # r_f - delta are consistent (and O is not read at all).
-            delta = tl.sum(omega * r, axis=1)
-            # g pairs with G, which was accumulated from the rounded omega: use the same one.
-            g_vec += tl.sum(omega_op.to(tl.float32) * delta[:, None], axis=0)
-            da = ex * beta[None, :] * inv_den[:, None] * (r - delta[:, None])
-            _input_grad(DQ, dq_base, stride_dqn, Q, q_base, stride_qn, offs_n, n_mask, da, WH,
-                        D, M, BLOCK_M, BLOCK_DK)
-            if STORE_DA:
-                tl.store(DA + (pid_bh.to(tl.int64) * N + offs_n)[:, None] * M + offs_f[None, :],
-                         da, mask=n_mask[:, None] & f_mask[None, :])
+        g_mat = tl.dot(tl.trans(omega_op), do_t, g_mat, input_precision=DOT_PRECISION)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_n, mask=n_mask, other=0.0)
+        g_vec += tl.sum(omega_op.to(tl.float32) * delta[:, None], axis=0)
 
     part = pid_bh.to(tl.int64) * NUM_CHUNKS + pid_c
     tl.store(GP + part * M * DV + offs_f[:, None] * DV + offs_e[None, :], g_mat,
              mask=f_mask[:, None] & e_mask[None, :])
-    if COMPUTE_DQ:
-        tl.store(GSP + part * M + offs_f, g_vec, mask=f_mask)
+    tl.store(GSP + part * M + offs_f, g_vec, mask=f_mask & (pid_e == 0))
 
 
 @triton.jit
@@ -551,14 +610,14 @@ def _key_bwd_kernel(K, V, WH, WL, STATS, G, GS, DK, DVP, DB,
                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                     H, N, D, DV, M, fe,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, HAS_FE: tl.constexpr,
-                    STORE_DB: tl.constexpr):
+                    BLOCK_DC: tl.constexpr, SPLIT: tl.constexpr, HAS_FE: tl.constexpr,
+                    STORE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Backward over keys: dk and dv.
 
     K, V, DK, DVP: (B, H, N, .) any strides (last dim contiguous). G: (B*H, m, d_v) fp32 and
     GS: (B*H, m) fp32, the query-side sums of :func:`_query_bwd_kernel` (over all chunks).
     Grid: (cdiv(N, BLOCK_N), B*H). Per key block: logits, Khat = (exp(b - mu) + fe) nu,
-    dKhat = v G^T - g and dv = Khat G (d_v looped in BLOCK_DV tiles; G scaled by its max and Khat
+    dKhat = v G^T - g and dv = Khat G (d_v looped in BLOCK_DC tiles; G scaled by its max and Khat
     per row to [0, 1] before the tensor-core products), db = dKhat exp(b - mu) nu, and
     dk = W^T db - k sum_f db; db itself goes to DB (B*H, N, m) fp32 when STORE_DB.
     """
@@ -579,7 +638,7 @@ def _key_bwd_kernel(K, V, WH, WL, STATS, G, GS, DK, DVP, DB,
     DT = K.dtype.element_ty
 
     wx, half_sq = _feature_logits(K, k_base, stride_kn, offs_n, n_mask, WH, WL, D, M,
-                                  BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT)
+                                  BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
     logit = wx - half_sq[:, None]
     mu = tl.load(STATS + st_base + 2 * M + offs_f, mask=f_mask, other=0.0)
     nu = tl.load(STATS + st_base + 3 * M + offs_f, mask=f_mask, other=0.0)
@@ -594,8 +653,8 @@ def _key_bwd_kernel(K, V, WH, WL, STATS, G, GS, DK, DVP, DB,
     k_op = (k_hat / k_scale[:, None]).to(DT)
 
     g_max = 0.0
-    for e0 in range(0, DV, BLOCK_DV):
-        offs_e = e0 + tl.arange(0, BLOCK_DV)
+    for e0 in range(0, DV, BLOCK_DC):
+        offs_e = e0 + tl.arange(0, BLOCK_DC)
         gt = tl.load(g_base + offs_f[:, None] * DV + offs_e[None, :],
                      mask=f_mask[:, None] & (offs_e < DV)[None, :], other=0.0)
         g_max = tl.maximum(g_max, tl.max(tl.max(tl.abs(gt), axis=1), axis=0))
@@ -604,8 +663,8 @@ def _key_bwd_kernel(K, V, WH, WL, STATS, G, GS, DK, DVP, DB,
     rows_v = offs_n.to(tl.int64) * stride_vn
     rows_dv = offs_n.to(tl.int64) * stride_dvn
     d_khat = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for e0 in range(0, DV, BLOCK_DV):
-        offs_e = e0 + tl.arange(0, BLOCK_DV)
+    for e0 in range(0, DV, BLOCK_DC):
+        offs_e = e0 + tl.arange(0, BLOCK_DC)
         e_mask = offs_e < DV
         gt = tl.load(g_base + offs_f[:, None] * DV + offs_e[None, :],
                      mask=f_mask[:, None] & e_mask[None, :], other=0.0)
@@ -613,19 +672,19 @@ def _key_bwd_kernel(K, V, WH, WL, STATS, G, GS, DK, DVP, DB,
         g_op = g_scaled.to(DT)
         mask = n_mask[:, None] & e_mask[None, :]
         v = tl.load(V + v_base + rows_v[:, None] + offs_e[None, :], mask=mask, other=0.0)
-        d_khat = tl.dot(v, tl.trans(g_op), d_khat, input_precision="ieee")
+        d_khat = tl.dot(v, tl.trans(g_op), d_khat, input_precision=DOT_PRECISION)
         if SPLIT:
             # dKhat = G v - g cancels where v_j is close to the outputs that attend to it: G
             # needs more than half precision there (high + low parts).
             g_lo = (g_scaled - g_op.to(tl.float32)).to(DT)
-            d_khat = tl.dot(v, tl.trans(g_lo), d_khat, input_precision="ieee")
-        dv = tl.dot(k_op, g_op, input_precision="ieee") * (k_scale * g_max)[:, None]
+            d_khat = tl.dot(v, tl.trans(g_lo), d_khat, input_precision=DOT_PRECISION)
+        dv = tl.dot(k_op, g_op, input_precision=DOT_PRECISION) * (k_scale * g_max)[:, None]
         tl.store(DVP + dv_base + rows_dv[:, None] + offs_e[None, :], dv.to(DVP.dtype.element_ty),
                  mask=mask)
     g_vec = tl.load(GS + pid_bh.to(tl.int64) * M + offs_f, mask=f_mask, other=0.0)
     db = (d_khat * g_max - g_vec[None, :]) * k_deriv
     _input_grad(DK, dk_base, stride_dkn, K, k_base, stride_kn, offs_n, n_mask, db, WH, D, M,
-                BLOCK_M, BLOCK_DK)
+                BLOCK_M, BLOCK_DK, DOT_PRECISION)
     if STORE_DB:
         tl.store(DB + (pid_bh.to(tl.int64) * N + offs_n)[:, None] * M + offs_f[None, :], db,
                  mask=valid)
@@ -634,6 +693,7 @@ def _key_bwd_kernel(K, V, WH, WL, STATS, G, GS, DK, DVP, DB,
 key_partial_kernel = _tuned(_key_partial_kernel, "K")
 query_fwd_kernel = _tuned(_query_fwd_kernel, "Q")
 query_bwd_kernel = _tuned(_query_bwd_kernel, "Q")
+query_sums_kernel = _tuned(_query_sums_kernel, "Q")
 key_bwd_kernel = _tuned(_key_bwd_kernel, "K")
 
 
@@ -730,7 +790,7 @@ def _launch_opts() -> dict:
 def performer_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
                       eps: float = 1e-8, feature_eps: float = 0.0, out: Optional[torch.Tensor] = None,
                       keys_per_chunk: Optional[int] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor, KeySummary]:
+                      ) -> Tuple[torch.Tensor, KeySummary]:
     """Raw forward launcher (no autograd).
 
     q: (B, H, Nq, d), k: (B, H, Nk, d), v: (B, H, Nk, d_v), any strides with the last dim
@@ -747,7 +807,8 @@ def performer_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project
     blocks = tile_sizes(d, dv, m)
     split = q.dtype != torch.float32
     w_hi, w_lo = _split_projection(projection, q.dtype)
-    has_fe = feature_eps > 0.0
+    has_fe, has_eps = feature_eps > 0.0, eps > 0.0
+    fe, prec = float(feature_eps), dot_precision(q.dtype)
     n_tiles = triton.cdiv(dv, blocks["BLOCK_DV"])
     chunk, n_chunks = _chunking(Nk, BH * n_tiles, dev, keys_per_chunk)
     f32 = dict(device=dev, dtype=torch.float32)
@@ -759,11 +820,12 @@ def performer_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project
         k, v, w_hi, w_lo, mp, sp, ap, vp,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H, Nk, d, dv, m, chunk, n_chunks,
-        SPLIT=split, HAS_FE=has_fe, **blocks, **_launch_opts())
+        SPLIT=split, HAS_FE=has_fe, DOT_PRECISION=prec,
+        **blocks_for(_key_partial_kernel, blocks), **_launch_opts())
 
     summary = KeySummary(torch.empty((BH, m, dv), **f32), torch.empty((BH, STATS_ROWS, m), **f32))
     _key_combine_kernel[(BH, n_tiles)](
-        mp, sp, ap, vp, summary.kvn, summary.stats, Nk, dv, m, n_chunks, float(feature_eps),
+        mp, sp, ap, vp, summary.kvn, summary.stats, Nk, dv, m, n_chunks, fe,
         1.0 / math.sqrt(m), math.log(m),
         BLOCK_M=blocks["BLOCK_M"], BLOCK_DV=blocks["BLOCK_DV"], HAS_FE=has_fe)
 
@@ -774,8 +836,9 @@ def performer_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project
         query_fwd_kernel[grid](
             q, w_hi, w_lo, summary.stats, summary.kvn, out,
             q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, Nq, d, dv, m, _log_eps(eps), float(feature_eps),
-            SPLIT=split, HAS_EPS=eps > 0.0, HAS_FE=has_fe, **blocks, **_launch_opts())
+            H, Nq, d, dv, m, _log_eps(eps), fe,
+            SPLIT=split, HAS_EPS=has_eps, HAS_FE=has_fe, DOT_PRECISION=prec,
+            **blocks_for(_query_fwd_kernel, blocks), **_launch_opts())
     return out, summary
 
 
@@ -787,9 +850,11 @@ def performer_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
     Takes the inputs and options of :func:`performer_forward` (4-D, last dim contiguous), its
     ``summary`` (the attention output itself is not needed) and ``grad_out`` (B, H, Nq, d_v).
-    dq/dk/dv come back in the inputs' dtype, dprojection (m, d) in the projection's dtype. Launches: the query pass (one launch per
-    group of d_v tiles), a sum of its per-chunk partials, the key pass, and -- for the projection
-    gradient only -- two contractions of the stored logit gradients with q and k.
+    dq/dk/dv come back in the inputs' dtype, dprojection (m, d) in the projection's dtype.
+    ``queries_per_chunk`` overrides how many queries one program of the reducing query pass
+    sums over (rounded up to a multiple of 128). Launches: the per-row query pass (dq), the
+    reducing query pass, a sum of its per-chunk partials, the key pass (dk, dv), and -- for the
+    projection gradient only -- two contractions of the stored logit gradients with q and k.
     """
     B, H, Nq, d = q.shape
     Nk, dv, m = k.shape[2], v.shape[3], projection.shape[0]
@@ -798,7 +863,8 @@ def performer_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     blocks = tile_sizes(d, dv, m)
     split = q.dtype != torch.float32
     w_hi, w_lo = _split_projection(projection, q.dtype)
-    has_fe = feature_eps > 0.0
+    has_fe, has_eps = feature_eps > 0.0, eps > 0.0
+    fe, log_eps, prec = float(feature_eps), _log_eps(eps), dot_precision(q.dtype)
     n_tiles = triton.cdiv(dv, blocks["BLOCK_DV"])
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -810,22 +876,25 @@ def performer_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     db = torch.empty((BH, Nk, m), **f32) if projection_grad else summary.stats
 
     if Nq > 0:
+        delta = torch.empty((BH, Nq), **f32)
+        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_N"]), BH)  # noqa: E731
+        query_bwd_kernel[grid](
+            q, grad_out, w_hi, w_lo, summary.stats, summary.kvn, dq, delta, da,
+            q.stride(0), q.stride(1), q.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, d, dv, m, log_eps, fe,
+            SPLIT=split, HAS_EPS=has_eps, HAS_FE=has_fe, STORE_DA=projection_grad,
+            DOT_PRECISION=prec, **blocks_for(_query_bwd_kernel, blocks), **_launch_opts())
         chunk, n_chunks = _chunking(Nq, BH * n_tiles, dev, queries_per_chunk)
         gp = torch.empty((BH, n_chunks, m, dv), **f32)
         gsp = torch.empty((BH, n_chunks, m), **f32)
-        common = (q, grad_out, w_hi, w_lo, summary.stats, summary.kvn, dq, gp, gsp, da,
-                  q.stride(0), q.stride(1), q.stride(2),
-                  grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-                  dq.stride(0), dq.stride(1), dq.stride(2), H, Nq, d, dv, m, chunk, n_chunks)
-        query_bwd_kernel[(n_chunks, BH, 1)](
-            *common, 0, _log_eps(eps), float(feature_eps), SPLIT=split, HAS_EPS=eps > 0.0,
-            HAS_FE=has_fe, COMPUTE_DQ=True,
-            STORE_DA=projection_grad, **blocks, **_launch_opts())
-        if n_tiles > 1:
-            query_bwd_kernel[(n_chunks, BH, n_tiles - 1)](
-                *common, 1, _log_eps(eps), float(feature_eps), SPLIT=split, HAS_EPS=eps > 0.0,
-                HAS_FE=has_fe, COMPUTE_DQ=False,
-                STORE_DA=False, **blocks, **_launch_opts())
+        query_sums_kernel[(n_chunks, BH, n_tiles)](
+            q, grad_out, w_hi, w_lo, summary.stats, delta, gp, gsp,
+            q.stride(0), q.stride(1), q.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            H, Nq, d, dv, m, chunk, n_chunks, log_eps, fe,
+            SPLIT=split, HAS_EPS=has_eps, HAS_FE=has_fe, DOT_PRECISION=prec,
+            **blocks_for(_query_sums_kernel, blocks), **_launch_opts())
         g_mat = gp.sum(dim=1)
         g_vec = gsp.sum(dim=1)
     else:
@@ -837,8 +906,9 @@ def performer_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         k, v, w_hi, w_lo, summary.stats, g_mat, g_vec, dk, dv_, db,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv_.stride(0), dv_.stride(1), dv_.stride(2),
-        H, Nk, d, dv, m, float(feature_eps),
-        SPLIT=split, HAS_FE=has_fe, STORE_DB=projection_grad, **blocks, **_launch_opts())
+        H, Nk, d, dv, m, fe,
+        SPLIT=split, HAS_FE=has_fe, STORE_DB=projection_grad, DOT_PRECISION=prec,
+        **blocks_for(_key_bwd_kernel, blocks), **_launch_opts())
 
     dproj = None
     if projection_grad:
@@ -891,3 +961,154 @@ def performer_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"performer_attention (triton): feature_eps must be finite and >= 0, "
                          f"got {feature_eps}")
     return _PerformerAttention.apply(q, k, v, projection, float(eps), float(feature_eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ---------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Pointer arguments in the inputs' dtype (the projection halves are fp32 for fp32 inputs); every
+# other pointer is fp32 (summaries, partial sums, stored logit gradients).
+_OPERAND_PTRS = {"K", "V", "Q", "O", "DO", "DQ", "DK", "DVP", "WH", "WL"}
+_FLOAT_ARGS = {"fe", "log_eps", "inv_sqrt_m", "log_m"}
+_INT_ARGS = {"H", "N", "D", "DV", "M", "CHUNK", "NUM_CHUNKS"}
+# (d, d_v, m): T2T-ViT token stages (performer, emb 64, m = 32), a wider feature map with a
+# non-power-of-two m, and the largest supported tiles.
+AOT_SHAPES = ((64, 64, 32), (64, 64, 100), (128, 128, 256))
+_ALL_FLAGS = dict(HAS_FE=True, HAS_EPS=True, STORE_DA=True, STORE_DB=True)
+
+
+def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> Dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _OPERAND_PTRS:
+            sig[name] = "*" + _TRITON_DTYPE[dtype]
+        elif name.isupper() and name not in _INT_ARGS:
+            sig[name] = "*fp32"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+_AOT_SIZES: Dict[str, Tuple[int, int, int]] = {}  # spec label -> (d, d_v, m)
+
+
+def aot_specs(shapes=AOT_SHAPES) -> List["KernelSpec"]:  # noqa: F821
+    """Every autotune config of every kernel for ``shapes`` (d, d_v, m) x {fp16, bf16, fp32},
+    compiled with all features on (feature_eps, eps, dq, stored logit gradients): the highest
+    register pressure each config sees. The combine kernel (not tuned) once per shape for half
+    and fp32 (its code does not depend on the operand dtype)."""
+    from ..aot import KernelSpec
+    tuned = (_key_partial_kernel, _query_fwd_kernel, _query_bwd_kernel, _query_sums_kernel,
+             _key_bwd_kernel)
+    specs = []
+
+    def add(kernel, dtype, cx, warps, stages, label, size):
+        specs.append(KernelSpec(module=__name__, kernel=kernel.__name__,
+                                signature=_signature(kernel, dtype, cx), constexprs=cx,
+                                num_warps=warps, num_stages=stages, label=label))
+        _AOT_SIZES[label] = size
+
+    for dtype in KERNEL_DTYPES:
+        kind = operand_kind(dtype)
+        for d, dv, m in shapes:
+            blocks = tile_sizes(d, dv, m)
+            for kernel in tuned:
+                flags = {k: v for k, v in _ALL_FLAGS.items() if k in kernel.arg_names}
+                for bn, warps, stages in CONFIGS[(kind, blocks["BLOCK_M"])]:
+                    cx = dict(blocks_for(kernel, blocks), BLOCK_N=bn, SPLIT=dtype != torch.float32,
+                              DOT_PRECISION=dot_precision(dtype), **flags)
+                    add(kernel, dtype, cx, warps, stages,
+                        f"{kernel.__name__.strip('_')} {_TRITON_DTYPE[dtype]} d{d} dv{dv} m{m} "
+                        f"n{bn} w{warps}s{stages}", (d, dv, m))
+            if dtype != torch.bfloat16:
+                cx = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_DV=blocks["BLOCK_DV"], HAS_FE=True)
+                add(_key_combine_kernel, dtype, cx, 4, 1,
+                    f"key_combine_kernel {kind} d{d} dv{dv} m{m} w4s1", (d, dv, m))
+    return specs
+
+
+def launch_attrs(spec) -> Dict[Tuple[int], list]:
+    """The specialisation Triton's launcher gives a launch with aligned inputs: 16-byte aligned
+    pointers, strides and chunk sizes divisible by 16, and d / d_v / m where they are multiples
+    of 16 (``tt.divisibility = 16``). This is what lets loads vectorise; compiling without it
+    (what :func:`vitkern.aot.compile_report` does) models inputs with odd strides instead."""
+    import importlib
+    fn = getattr(importlib.import_module(spec.module), spec.kernel)
+    d, dv, m = _AOT_SIZES.get(spec.label) or (0, 0, 0)
+    sizes = {"D": d, "DV": dv, "M": m}
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        kind = spec.signature.get(name, "")
+        if (kind.startswith("*") or name.startswith("stride_") or name == "CHUNK"
+                or (name in sizes and sizes[name] > 0 and sizes[name] % 16 == 0)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _compile_aligned(spec, arch: int):
+    import triton as _triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..aot import CompileReport, _ptxas_report
+    fn = globals()[spec.kernel]
+    base = dict(label=spec.key(), kernel=spec.kernel, arch=arch, num_warps=spec.num_warps,
+                num_stages=spec.num_stages)
+    try:
+        src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), launch_attrs(spec))
+        compiled = _triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": spec.num_warps,
+                                            "num_stages": spec.num_stages})
+        ptx = compiled.asm["ptx"]
+        import re
+        return CompileReport(**base, **_ptxas_report(ptx, arch),
+                             shared_bytes=int(compiled.metadata.shared),
+                             uses_mma=bool(re.search(r"\bmma\.sync", ptx)),
+                             uses_wgmma="wgmma.mma_async" in ptx)
+    except Exception as exc:  # report, don't crash the sweep
+        return CompileReport(**base, registers=0, spill_stores=0, spill_loads=0, stack_bytes=0,
+                             shared_bytes=0, uses_mma=False, uses_wgmma=False,
+                             error=f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+
+
+def compile_report_aligned(specs=None, archs=(80, 90)):
+    """Like :func:`vitkern.aot.compile_report` for this module's specs, but compiled with the
+    launch specialisation of aligned inputs (:func:`launch_attrs`). Runs in a subprocess with
+    the interpreter off when ``TRITON_INTERPRET=1``."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    from ..aot import CompileReport
+    specs = aot_specs() if specs is None else specs
+    if not interpreter_on():
+        aot_specs()  # fills the size registry launch_attrs reads
+        return [_compile_aligned(s, a) for s in specs for a in archs]
+    payload = json.dumps({"labels": [s.label for s in specs], "archs": list(archs)})
+    env = dict(__import__("os").environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-m", __name__], input=payload, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"AOT compile subprocess failed:\n{out.stderr[-2000:]}")
+    return [CompileReport(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _aot_main() -> None:
+    import dataclasses
+    import json
+    import sys
+    payload = json.loads(sys.stdin.read())
+    by_label = {s.label: s for s in aot_specs()}
+    reports = [_compile_aligned(by_label[label], a)
+               for label in payload["labels"] for a in payload["archs"]]
+    print(json.dumps([dataclasses.asdict(r) for r in reports]))
+
+
+if __name__ == "__main__":
+    _aot_main()
