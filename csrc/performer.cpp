@@ -503,6 +503,68 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> performer_bwd(
   return res;
 }
 
+// ----------------------------------------------------------------------------------------------
+// Dropout for TokenPerformer: one pass writes the output and the keep mask. The tensor is cut in
+// blocks of kDropBlock elements; block b gets a 64-bit key splitmix64(seed + b), and element j of
+// the block keeps when the top 24 bits of fmix32(fmix32(j * phi ^ key_lo) + key_hi) (two rounds
+// of MurmurHash3's finalizer) are >= p * 2^24: probability 1 - p to within 2^-24, like a float
+// uniform. Counter-based, so the mask does not depend on the thread count, and the 32-bit hash
+// vectorizes. The seed comes from torch's generator (reproducible under torch.manual_seed).
+// ----------------------------------------------------------------------------------------------
+constexpr int64_t kDropBlock = 1 << 14;
+
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+template <typename scalar_t, typename acc_t>
+VK_CLONES void dropout_block(const scalar_t* x, scalar_t* out, bool* keep, int64_t n,
+                             uint64_t key, uint32_t threshold, acc_t scale) {
+  const uint32_t lo = uint32_t(key), hi = uint32_t(key >> 32);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t h = fmix32(fmix32(uint32_t(j) * 0x9E3779B9u ^ lo) + hi);
+    const bool k = (h >> 8) >= threshold;
+    keep[j] = k;
+    out[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) * (k ? scale : acc_t(0)));
+  }
+}
+
+std::tuple<Tensor, Tensor> performer_dropout(const Tensor& x, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "performer_dropout: p must be in [0, 1)");
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty_like(xc);
+  Tensor keep = at::empty(xc.sizes(), xc.options().dtype(at::kBool));
+  const int64_t n = xc.numel();
+  const uint32_t threshold = static_cast<uint32_t>(std::llround(p * double(1u << 24)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "performer_dropout", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* px = xc.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    bool* pk = keep.data_ptr<bool>();
+    const acc_t scale = acc_t(1.0 / (1.0 - p));
+    at::parallel_for(0, (n + kDropBlock - 1) / kDropBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t begin = b * kDropBlock, len = std::min(n - begin, kDropBlock);
+        dropout_block<scalar_t, acc_t>(px + begin, po + begin, pk + begin, len,
+                                       splitmix64(uint64_t(seed) + uint64_t(b)), threshold, scale);
+      }
+    });
+  });
+  return {out, keep};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vitkern_cpu, m) {
@@ -512,9 +574,11 @@ TORCH_LIBRARY_FRAGMENT(vitkern_cpu, m) {
   m.def("performer_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor projection, "
         "Tensor? out_weight, Tensor rden, Tensor c_k, Tensor kv1, float feature_eps, "
         "bool need_dw, bool need_dout_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("performer_dropout(Tensor x, float p, int seed) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitkern_cpu, CPU, m) {
   m.impl("performer_fwd", &performer_fwd);
   m.impl("performer_bwd", &performer_bwd);
+  m.impl("performer_dropout", &performer_dropout);
 }

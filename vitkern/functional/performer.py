@@ -21,7 +21,7 @@ from vitkern._validation import CPU_DTYPES, FLOAT_DTYPES, check_dtype, check_sam
 from vitkern.cpu import performer as _cpu
 from vitkern.reference import performer as _reference
 
-__all__ = ["performer_attention", "performer_attention_proj"]
+__all__ = ["performer_attention", "performer_attention_proj", "performer_dropout"]
 
 OP = "performer_attention"
 _PROJECTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -266,3 +266,33 @@ def performer_attention_proj(q: Tensor, k: Tensor, v: Tensor, projection: Tensor
     y = performer_attention(q, k, v, projection, eps, feature_eps, backend=chosen)
     y = torch.nn.functional.linear(y, weight, bias)
     return y if residual is None else residual + y
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+        out, keep = torch.ops.vitkern_cpu.performer_dropout(x, p, seed)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None
+
+
+def performer_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout(x, p, training)`` with a faster mask on CPU when the C++ extension is built:
+    one pass draws the mask (a counter-based hash seeded from torch's generator, so
+    ``torch.manual_seed`` reproduces it) and writes the output; backward keeps a bool mask.
+    The masks differ from ``F.dropout``'s draws; the distribution is the same (keep with
+    probability ``1 - p``, to within 2**-24, scaled by ``1 / (1 - p)``). Elsewhere (CUDA,
+    no extension, ``p`` outside [0, 1), or while torch.compile traces) it is ``F.dropout``."""
+    if not training or p == 0.0:
+        return x
+    if (x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling()
+            or not _backend.has_cpu_op("performer_dropout")):
+        return torch.nn.functional.dropout(x, p, training)
+    return _Dropout.apply(x, float(p))

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkern.functional.performer import performer_attention, performer_attention_proj
+from vitkern.functional.performer import (performer_attention, performer_attention_proj,
+                                          performer_dropout)
 from vitkern.reference.performer import gaussian_orthogonal_projection, orthogonal_projection
 
 __all__ = ["TokenPerformer", "PerformerAttention"]
@@ -81,7 +82,9 @@ class TokenPerformer(nn.Module):
     How it is faster and smaller than the formula, with the same result: ``proj`` is folded into
     the attention (``performer_attention_proj``: ``y W^T = r Pq (KV W^T)``), with the residual
     added in its epilogue when dropout is off; ``norm1(x)`` is recomputed in backward rather
-    than kept; the attention keeps O(m d) state per batch instead of its feature maps.
+    than kept; the attention keeps O(m d) state per batch instead of its feature maps; dropout
+    draws its mask in one pass and keeps it as bools (:func:`performer_dropout`: same
+    distribution as ``nn.Dropout``, different random draws).
     """
 
     def __init__(self, dim: int, in_dim: int, head_cnt: int = 1, kernel_ratio: float = 0.5,
@@ -110,7 +113,7 @@ class TokenPerformer(nn.Module):
         if self.training and self.dp.p > 0:
             z = performer_attention_proj(q, k, v, self.w, self.proj.weight, self.proj.bias,
                                          eps=self.epsilon, backend=self.backend)
-            return v + self.dp(z)
+            return v + performer_dropout(z, self.dp.p, True)
         return performer_attention_proj(q, k, v, self.w, self.proj.weight, self.proj.bias,
                                         residual=v, eps=self.epsilon, backend=self.backend)
 
@@ -118,7 +121,12 @@ class TokenPerformer(nn.Module):
         kqv = layer_norm_linear(x, self.norm1, self.kqv)
         y = self._attend(*torch.split(kqv, self.emb, dim=-1))
         del kqv  # in inference the (B, N, 3 emb) projection can go before the MLP runs
-        return y + self.mlp(self.norm2(y))
+        return y + self._mlp(self.norm2(y))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp`` (Linear, GELU, Linear, Dropout) with :func:`performer_dropout`."""
+        fc1, act, fc2, drop = self.mlp
+        return performer_dropout(fc2(act(fc1(x))), drop.p, self.training)
 
 
 class PerformerAttention(nn.Module):
