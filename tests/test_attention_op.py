@@ -177,6 +177,39 @@ def test_broadcast_upstream_gradient(backend, layout):
 
 
 @requires_interpreter
+def test_triton_path_reads_and_writes_packed_buffers_in_place(monkeypatch):
+    """qkv_attention on the Triton path: the launchers get strided views of qkv (no copies), the
+    output is the buffer the forward kernel wrote, and dq/dk/dv are views of the returned dqkv."""
+    from vitkern.ops import attention as kernels
+    seen = {}
+    real_fwd, real_bwd = kernels.attention_forward, kernels.attention_backward
+
+    def fwd(q, k, v, **kw):
+        seen["fwd"] = (q, k, v, kw["out"])
+        return real_fwd(q, k, v, **kw)
+
+    def bwd(do, q, k, v, out, lse, **kw):
+        seen["bwd"] = (q, kw["dq"], kw["dk"], kw["dv"])
+        return real_bwd(do, q, k, v, out, lse, **kw)
+
+    monkeypatch.setattr(kernels, "attention_forward", fwd)
+    monkeypatch.setattr(kernels, "attention_backward", bwd)
+    B, N, H, D = 2, 9, 2, 16
+    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    out = vitkern.qkv_attention(qkv, H, backend="triton")
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    q, k, v, out_view = seen["fwd"]
+    assert {ptr(q), ptr(k), ptr(v)} == {ptr(qkv)}
+    assert ptr(out_view) == ptr(out) and out.is_contiguous()
+    grad_holder = {}
+    qkv.register_hook(lambda g: grad_holder.setdefault("g", g))
+    out.backward(torch.randn_like(out))
+    q_b, dq, dk, dv = seen["bwd"]
+    assert ptr(q_b) == ptr(qkv)
+    assert {ptr(dq), ptr(dk), ptr(dv)} == {ptr(grad_holder["g"])}
+
+
+@requires_interpreter
 def test_triton_path_tf32_and_cross_attention():
     leaves, bias = _make_inputs(1, 2, 9, 32, torch.float32, "separate", "none", M=20)
     _check_against_reference(leaves, bias, 2, 32, "triton", torch.float32, allow_tf32=True, tol=1e-3)
