@@ -327,6 +327,7 @@ def test_triton_backend(dtype, heads):
             t.grad = None
 
 
+@requires_interpreter
 def test_triton_backend_rejects_float64():
     q = torch.randn(1, 5, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
