@@ -886,8 +886,11 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv_in
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse_in,
+// Backward into `dqkv` (contiguous (B, H, W, 3C)). dqkv may be qkv itself: a work item reads
+// its (window, head) channels of q, k, v into its tiles before it writes the same channels'
+// gradients, and no other item touches them, so the gradient can overwrite the input in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(
+    at::Tensor dqkv, const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse_in,
     const c10::optional<at::Tensor>& bias_table, const c10::optional<at::Tensor>& pad_qkv,
     const c10::optional<at::Tensor>& logit_scale, int64_t num_heads, int64_t win_h, int64_t win_w, int64_t shift_h,
     int64_t shift_w, double scale, bool need_table_grad, bool need_pad_grad, bool need_logit_grad) {
@@ -907,7 +910,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   need_pad_grad = need_pad_grad && p.pad.defined();
   need_logit_grad = need_logit_grad && p.logit.defined();
 
-  auto dqkv = at::empty({g.B, g.H, g.W, 3 * g.C}, qkv.options());
+  TORCH_CHECK(dqkv.is_contiguous() && dqkv.sizes() == qkv.sizes() && dqkv.scalar_type() == qkv.scalar_type(),
+              "window_attention: the qkv gradient buffer must be a contiguous tensor like qkv");
   const int64_t nchunks = std::max<int64_t>(1, std::min(g.items, kMaxChunks));
   const int64_t table_rows = (2 * g.Wh - 1) * (2 * g.Ww - 1);
   // per-chunk partials: [table (nH * rows) | pad (3C) | logit (nH)]
@@ -978,7 +982,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   } else {
     dlogit = at::empty({0}, qkv.options());
   }
+  return {dtable, dpad, dlogit};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& bias_table, const c10::optional<at::Tensor>& pad_qkv,
+    const c10::optional<at::Tensor>& logit_scale, int64_t num_heads, int64_t win_h, int64_t win_w, int64_t shift_h,
+    int64_t shift_w, double scale, bool need_table_grad, bool need_pad_grad, bool need_logit_grad) {
+  TORCH_CHECK(qkv.dim() == 4, "window_attention: qkv must be (B, H, W, 3C)");
+  auto dqkv = at::empty(qkv.sizes(), qkv.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [dtable, dpad, dlogit] = backward_into(dqkv, grad_out, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads,
+                                              win_h, win_w, shift_h, shift_w, scale, need_table_grad, need_pad_grad,
+                                              need_logit_grad);
   return {dqkv, dtable, dpad, dlogit};
+}
+
+// In-place variant: overwrites qkv (contiguous) with its gradient and returns the others.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_(
+    const at::Tensor& grad_out, at::Tensor& qkv, const at::Tensor& lse, const c10::optional<at::Tensor>& bias_table,
+    const c10::optional<at::Tensor>& pad_qkv, const c10::optional<at::Tensor>& logit_scale, int64_t num_heads,
+    int64_t win_h, int64_t win_w, int64_t shift_h, int64_t shift_w, double scale, bool need_table_grad,
+    bool need_pad_grad, bool need_logit_grad) {
+  TORCH_CHECK(qkv.is_contiguous(), "window_attention: the in-place backward needs a contiguous qkv");
+  return backward_into(qkv, grad_out, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, win_h, win_w, shift_h,
+                       shift_w, scale, need_table_grad, need_pad_grad, need_logit_grad);
 }
 
 }  // namespace
@@ -992,11 +1020,17 @@ TORCH_LIBRARY_FRAGMENT(vitkern_cpu, m) {
       "Tensor? logit_scale, int num_heads, int win_h, int win_w, int shift_h, int shift_w, float scale, "
       "bool need_table_grad, bool need_pad_grad, bool need_logit_grad) -> (Tensor grad_qkv, Tensor grad_table, "
       "Tensor grad_pad, Tensor grad_logit)");
+  m.def(
+      "window_attention_bwd_(Tensor grad_out, Tensor(a!) qkv, Tensor lse, Tensor? bias_table, Tensor? pad_qkv, "
+      "Tensor? logit_scale, int num_heads, int win_h, int win_w, int shift_h, int shift_w, float scale, "
+      "bool need_table_grad, bool need_pad_grad, bool need_logit_grad) -> (Tensor grad_table, Tensor grad_pad, "
+      "Tensor grad_logit)");
 }
 
 TORCH_LIBRARY_IMPL(vitkern_cpu, CPU, m) {
   m.impl("window_attention_fwd", &window_attention_fwd);
   m.impl("window_attention_bwd", &window_attention_bwd);
+  m.impl("window_attention_bwd_", &window_attention_bwd_);
 }
 
 #endif  // __cplusplus >= 202002L

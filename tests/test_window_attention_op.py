@@ -265,9 +265,51 @@ def test_custom_ops_pass_opcheck(impl):
     pad = torch.randn(24, dtype=F64, requires_grad=True)
     logit = torch.randn(2, 1, 1, dtype=F64, requires_grad=True)
     torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
-                          (qkv, table, pad, None, 2, [4, 4], [2, 2], 0.3, "cpu", False, False))
+                          (qkv, table, pad, None, 2, [4, 4], [2, 2], 0.3, "cpu", False, False, False))
     torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
-                          (qkv, table, pad, logit, 2, [4, 4], [0, 2], 1.0, "cpu", False, False))
+                          (qkv, table, pad, logit, 2, [4, 4], [0, 2], 1.0, "cpu", False, False, False))
+
+
+def test_in_place_backward_op_passes_opcheck():
+    if not cpu_wa.has_kernel():
+        pytest.skip("C++ kernel not built (test_cpp_kernel_is_built says why)")
+    qkv = torch.randn(2, 9, 7, 24, dtype=F64)
+    table = torch.randn(49, 2, dtype=F64)
+    out, lse = cpu_wa.forward(qkv, 2, (4, 4), (2, 2), table, None, 0.3, None)
+    torch.library.opcheck(torch.ops.vitkern.window_attention_bwd_in_place.default,
+                          (torch.randn_like(out), qkv.clone(), lse, table, None, None, 2, [4, 4], [2, 2], 0.3,
+                           [True, True, False, False]))
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_qkv_grad_in_place(variant):
+    """The in-place backward gives the same gradients and leaves dqkv in the (non-leaf) qkv."""
+    if not cpu_wa.has_kernel():
+        pytest.skip("C++ kernel not built (test_cpp_kernel_is_built says why)")
+    (x, table, pad, logit), _ = _inputs(2, 11, 9, 2, 8, 4, variant, F32)
+    w = torch.randn(x.shape[-1], x.shape[-1])
+    dout = torch.randn(2, 11, 9, 16)
+    runs = {}
+    for in_place in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, table, pad)]
+        qkv = leaves[0] @ w  # a non-leaf, like a block's qkv projection
+        out = vitkern.window_attention(qkv, 2, 4, 2, leaves[1], leaves[2], logit_scale=logit,
+                                       qkv_grad_in_place=in_place)
+        wrt = leaves if in_place else [qkv] + leaves
+        runs[in_place] = (qkv, torch.autograd.grad(out, wrt, dout))
+    dqkv, *grads = runs[False][1]
+    qkv_after, grads_in_place = runs[True]
+    assert torch.equal(qkv_after.detach(), dqkv)
+    for a, b in zip(grads_in_place, grads):
+        assert torch.equal(a, b)
+
+
+def test_qkv_grad_in_place_leaves_a_leaf_alone():
+    qkv = torch.randn(1, 8, 8, 24, requires_grad=True)
+    keep = qkv.detach().clone()
+    out = vitkern.window_attention(qkv, 2, 4, 2, qkv_grad_in_place=True)
+    (g,) = torch.autograd.grad(out.sum(), [qkv])
+    assert torch.equal(qkv.detach(), keep) and not torch.equal(g, keep)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "composite"], indirect=True)

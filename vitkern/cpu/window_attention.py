@@ -76,6 +76,21 @@ def backward(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, window_size
             dlogit if want_logit else None)
 
 
+def backward_in_place(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
+                      bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], scale: float,
+                      logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True)
+                      ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Like :func:`backward`, but the qkv gradient overwrites ``qkv`` (contiguous) and ``qkv``
+    is returned as dqkv: no second qkv-sized buffer."""
+    want_table = bool(needs[1]) and bias_table is not None
+    want_pad = bool(needs[2]) and pad_qkv is not None
+    want_logit = bool(needs[3]) and logit_scale is not None
+    dtable, dpad, dlogit = torch.ops.vitkern_cpu.window_attention_bwd_(
+        dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
+        shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit)
+    return (qkv, dtable if want_table else None, dpad if want_pad else None, dlogit if want_logit else None)
+
+
 class WindowAttentionFunction(torch.autograd.Function):
     """Autograd around the C++ kernel (the public op uses torch.library custom ops instead; this
     is the direct route for callers that want the kernel without the op's validation)."""

@@ -121,9 +121,10 @@ def _empty(like: Tensor) -> Tensor:
 
 def _fwd_impl(qkv: Tensor, bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor],
               num_heads: int, window_size: List[int], shift_size: List[int], scale: float, backend: str,
-              deterministic: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
-    """(out (B, H, W, C), lse); lse's layout is the backend's own. ``deterministic`` only matters
-    to the backward (it is an argument here so the autograd context keeps it)."""
+              deterministic: bool, allow_tf32: bool, qkv_grad_in_place: bool) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, W, C), lse); lse's layout is the backend's own. ``deterministic`` and
+    ``qkv_grad_in_place`` only matter to the backward (they are arguments here so the autograd
+    context keeps them)."""
     win, shift = tuple(window_size), tuple(shift_size)
     if backend == "triton":
         from ..ops import window_attention as _triton
@@ -140,7 +141,7 @@ _window_attention_fwd = torch.library.custom_op("vitkern::window_attention_fwd",
 
 @_window_attention_fwd.register_fake
 def _(qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, backend, deterministic,
-      allow_tf32):
+      allow_tf32, qkv_grad_in_place):
     B, H, W, C3 = qkv.shape
     out = qkv.new_empty((B, H, W, C3 // 3))
     if backend == "triton":
@@ -181,27 +182,53 @@ def _(dout, qkv, out, lse, bias_table, pad_qkv, logit_scale, num_heads, window_s
     return torch.empty_like(qkv), grad_like(bias_table, 1), grad_like(pad_qkv, 2), grad_like(logit_scale, 3)
 
 
+@torch.library.custom_op("vitkern::window_attention_bwd_in_place", mutates_args=("qkv",))
+def _window_attention_bwd_in_place(dout: Tensor, qkv: Tensor, lse: Tensor, bias_table: Optional[Tensor],
+                                   pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor], num_heads: int,
+                                   window_size: List[int], shift_size: List[int], scale: float,
+                                   needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The C++ backward writing dqkv over ``qkv``; returns (dbias_table, dpad_qkv, dlogit_scale)
+    with empty tensors for "no gradient"."""
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    grads = _cpu.backward_in_place(dout, qkv, lse, num_heads, tuple(window_size), tuple(shift_size), bias_table,
+                                   pad_qkv, scale, logit_scale, needs)
+    return tuple(g if g is not None else _empty(qkv) for g in grads[1:])
+
+
+@_window_attention_bwd_in_place.register_fake
+def _(dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, needs):
+    def grad_like(t, i):
+        return torch.empty_like(t) if (t is not None and needs[i]) else _empty(qkv)
+    return grad_like(bias_table, 1), grad_like(pad_qkv, 2), grad_like(logit_scale, 3)
+
+
 def _setup_context(ctx, inputs, output):
     (qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, backend, deterministic,
-     allow_tf32) = inputs
+     allow_tf32, qkv_grad_in_place) = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, bias_table, pad_qkv, logit_scale)
-    ctx.config = (num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32)
+    # only the Triton backward reads the forward output (its row statistics come from it)
+    ctx.save_for_backward(qkv, out if backend == "triton" else None, lse, bias_table, pad_qkv, logit_scale)
+    ctx.config = (num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32, qkv_grad_in_place)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, bias_table, pad_qkv, logit_scale = ctx.saved_tensors
-    num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32 = ctx.config
+    num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32, in_place = ctx.config
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    dqkv, dtable, dpad, dlogit = _window_attention_bwd(
-        dout, qkv, out, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, backend,
-        deterministic, needs, allow_tf32)
+    if in_place and needs[0] and backend == "cpu" and _cpu.has_kernel() and qkv.is_contiguous():
+        dtable, dpad, dlogit = _window_attention_bwd_in_place(
+            dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, needs)
+        dqkv = qkv
+    else:
+        dqkv, dtable, dpad, dlogit = _window_attention_bwd(
+            dout, qkv, out if out is not None else qkv.new_empty((0,)), lse, bias_table, pad_qkv, logit_scale,
+            num_heads, window_size, shift_size, scale, backend, deterministic, needs, allow_tf32)
 
     def grad(t, g, i):
         return g if (t is not None and needs[i]) else None
     return (dqkv if needs[0] else None, grad(bias_table, dtable, 1), grad(pad_qkv, dpad, 2),
-            grad(logit_scale, dlogit, 3), None, None, None, None, None, None, None)
+            grad(logit_scale, dlogit, 3), None, None, None, None, None, None, None, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -217,7 +244,8 @@ def _needs_autograd(*tensors) -> bool:
 def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_size: IntOrPair = 0,
                      bias_table: Optional[Tensor] = None, pad_qkv: Optional[Tensor] = None,
                      scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
-                     deterministic: bool = False, backend: str = "auto", allow_tf32: bool = False) -> Tensor:
+                     deterministic: bool = False, backend: str = "auto", allow_tf32: bool = False,
+                     qkv_grad_in_place: bool = False) -> Tensor:
     """Swin shifted-window attention from the image-layout qkv projection.
 
     Args:
@@ -239,14 +267,19 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_
             kernel is always reproducible).
         backend: "auto" | "triton" | "cpu" | "reference".
         allow_tf32: Triton only: fp32 inputs may use tf32 tensor-core dots.
+        qkv_grad_in_place: C++ CPU kernel only: the backward writes qkv's gradient over qkv's
+            own storage, saving one qkv-sized buffer at the peak of the backward. Only for a qkv
+            nothing reads after the backward (a block's internal qkv projection); ignored for a
+            leaf qkv and on the other backends.
 
     Returns:
         (B, H, W, C) in image layout, head-major channels, ready for the proj Linear.
     """
     win, shift = _validate(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale,
                            deterministic)
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"{OP}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    for name, flag in (("allow_tf32", allow_tf32), ("qkv_grad_in_place", qkv_grad_in_place)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{OP}: {name} must be a bool, got {type(flag).__name__}")
     chosen = _pick_backend(backend, qkv, num_heads, win, shift, bias_table, pad_qkv, logit_scale)
     head_dim = qkv.shape[-1] // 3 // num_heads
     scale = float(head_dim ** -0.5 if scale is None else scale)
@@ -257,8 +290,9 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_
     if chosen == "cpu" and not _cpu.has_kernel():
         # without the extension the composition runs under autograd directly (no recompute)
         return _cpu.window_attention_composite(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale)
+    in_place = qkv_grad_in_place and qkv.grad_fn is not None  # never overwrite a leaf
     args = (qkv, bias_table, pad_qkv, logit_scale, num_heads, list(win), list(shift), scale, chosen,
-            deterministic, allow_tf32)
+            deterministic, allow_tf32, in_place)
     if not torch.compiler.is_compiling() and not _needs_autograd(qkv, bias_table, pad_qkv, logit_scale):
         # inference: skip the custom-op dispatch (tens of microseconds per call)
         return _fwd_impl(*args)[0]

@@ -265,7 +265,7 @@ class SwinTransformerBlock(_WindowBlockMixin, nn.Module):
         qkv = F.linear(x, a.qkv.weight, a.qkv.bias)
         out = window_attention(qkv, a.num_heads, self.window_size, self.shift_size,
                                bias_table=_as(a.relative_position_bias_table, qkv), pad_qkv=_as(a.qkv.bias, qkv),
-                               scale=a.scale, backend=self.backend)
+                               scale=a.scale, backend=self.backend, qkv_grad_in_place=True)
         return a.proj_drop(a.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,8 @@ class SwinTransformerV2Block(_WindowBlockMixin, nn.Module):
         qkv = F.linear(x, a.qkv.weight, bias)
         out = window_attention(qkv, a.num_heads, self.window_size, self.shift_size,
                                bias_table=_as(a.bias_table(), qkv), pad_qkv=_as(bias, qkv),
-                               logit_scale=_as(a.logit_scale, qkv), backend=self.backend)
+                               logit_scale=_as(a.logit_scale, qkv), backend=self.backend,
+                               qkv_grad_in_place=True)
         return a.proj_drop(a.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
