@@ -244,6 +244,8 @@ def test_bad_arguments():
 def test_package_level_spelling():
     model = _small_torchvision_vit(num_layers=1)
     assert len(vitkern.patch(model)) == 1
+    again = vitkern.patch(model)                     # nothing left to swap, nothing reported
+    assert len(again) == 0 and not again.left
     assert vitkern.unpatch(model) == 1
 
 

@@ -376,24 +376,18 @@ class _Rule:
     cls_path: Optional[str]            # "module:Class" matched exactly; None for structural rules
     build: Callable[[nn.Module, Dict[str, object]], nn.Module]
     match: Optional[Callable[[nn.Module, Optional[nn.Module], str], bool]] = None  # extra condition
-    replacement: str = ""
 
 
 _RULES = (
-    _Rule("attention", "timm.layers:Attention", _build_timm_attention, replacement="Attention"),
+    _Rule("attention", "timm.layers:Attention", _build_timm_attention),
     _Rule("attention", "torch.nn:MultiheadAttention", _build_multihead,
-          match=lambda m, parent, name: _is_torchvision_encoder_block(parent) and name == "self_attention",
-          replacement="MultiheadAttention"),
-    _Rule("window_attention", "timm.models.swin_transformer:SwinTransformerBlock", _build_swin_block,
-          replacement="SwinTransformerBlock"),
-    _Rule("window_attention", "timm.models.swin_transformer_v2:SwinTransformerV2Block", _build_swin_v2_block,
-          replacement="SwinTransformerV2Block"),
-    _Rule("window_attention", "timm.models.swin_transformer:WindowAttention", _build_window_attention,
-          replacement="WindowAttention"),
-    _Rule("window_attention", "timm.models.swin_transformer_v2:WindowAttention", _build_window_attention_v2,
-          replacement="WindowAttentionV2"),
+          match=lambda m, parent, name: _is_torchvision_encoder_block(parent) and name == "self_attention"),
+    _Rule("window_attention", "timm.models.swin_transformer:SwinTransformerBlock", _build_swin_block),
+    _Rule("window_attention", "timm.models.swin_transformer_v2:SwinTransformerV2Block", _build_swin_v2_block),
+    _Rule("window_attention", "timm.models.swin_transformer:WindowAttention", _build_window_attention),
+    _Rule("window_attention", "timm.models.swin_transformer_v2:WindowAttention", _build_window_attention_v2),
     _Rule("performer", None, _build_token_performer,
-          match=lambda m, parent, name: _looks_like_token_performer(m), replacement="TokenPerformer"),
+          match=lambda m, parent, name: _looks_like_token_performer(m)),
 )
 
 
@@ -598,6 +592,8 @@ def patch(model: nn.Module, attention: bool = True, window_attention: bool = Tru
     done: Dict[int, nn.Module] = {}   # a module reachable by two paths gets one replacement
 
     def visit(parent: Optional[nn.Module], name: str, module: nn.Module, path: str) -> None:
+        if _is_vitkern_module(module):
+            return   # already vitkern (a second patch, or a vitkern.models model): nothing below to swap
         rule, reason = _recognize(module, parent, name, rules)
         if rule is not None:
             entry = PatchEntry(path, rule.kind, _qualname(module))
