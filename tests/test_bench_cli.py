@@ -96,7 +96,7 @@ def test_cuda_without_gpu_skips(capsys):
     assert "skipped" in out and "no CUDA device" in out
 
 
-def test_static_without_compile_prints_the_model(capsys, monkeypatch):
+def test_static_says_why_an_ops_module_is_missing_and_prints_the_model(capsys, monkeypatch):
     from vitkern.benchmarking import static
     monkeypatch.setitem(static.OPS_MODULES, "performer", "vitkern.ops._no_such_module")
     assert bench_cli.main(["--static", "--model", "t2t_vit_14"]) == 0

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_csv, default=None,
                    help="comma-separated peers to run (default: all default peers; 'compiled' is opt-in)")
     p.add_argument("--compile-budget", type=float, default=60.0, metavar="S",
-                   help="drop a torch.compile'd peer (flex, compiled) for later cases once its first "
-                        "call took longer than S seconds (default 60)")
+                   help="seconds a torch.compile'd peer (flex, compiled) may spend compiling over the "
+                        "run (its first calls); past it the peer is dropped for later cases (default 60)")
     p.add_argument("--case-budget", type=float, default=None, metavar="S",
                    help="CPU: cap the timing rounds of one case to about S seconds (default 4; quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
@@ -96,9 +96,8 @@ def _run_static(args, cfg) -> int:
     cases = runner.cases()
     ops = sorted({c.op for c in cases}) if cases else ([args.op] if args.op not in (None, "all") else list(OPS))
     level = "layer" if cfg.level == "both" else cfg.level
-    text, records = static_report(ops, cases, level, DTYPES[cfg.dtype], cfg.dtype,
-                                  compile_kernels=not args.no_compile)
-    print(text)
+    records = static_report(ops, cases, level, DTYPES[cfg.dtype], cfg.dtype, compile_kernels=not args.no_compile,
+                            emit=lambda line: print(line, flush=True))
     if args.json:
         doc = {"schema": "vitkern-bench-static/1", "environment": environment(torch.device("cpu")), **records}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -120,6 +120,53 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Layers whose time `vitkern profile` reports on its own: the ones vitkern.patch swaps (the
+# originals and the vitkern replacements). Matched by class name, so any timm/torchvision/T2T
+# version's classes count.
+ATTENTION_LAYER_CLASSES = ("Attention", "MultiheadAttention", "WindowAttention", "WindowAttentionV2",
+                           "SwinTransformerBlock", "SwinTransformerV2Block", "TokenPerformer",
+                           "Token_performer", "PerformerAttention")
+LAYER_PREFIX = "layer: "
+
+
+def mark_attention_layers(model) -> int:
+    """Wrap each attention layer's forward in a profiler range named ``layer: <module>.<class>``
+    (outermost layers only: a Swin block's inner WindowAttention is inside its block's range)."""
+    from torch.profiler import record_function
+
+    marked = 0
+
+    def visit(mod, inside: bool) -> None:
+        nonlocal marked
+        hit = type(mod).__name__ in ATTENTION_LAYER_CLASSES and not inside
+        if hit:
+            label = f"{LAYER_PREFIX}{type(mod).__module__}.{type(mod).__name__}"
+            stack = []
+
+            def pre(_m, _args, label=label, stack=stack):
+                rf = record_function(label)
+                rf.__enter__()
+                stack.append(rf)
+
+            def post(_m, _args, _out, stack=stack):
+                stack.pop().__exit__(None, None, None)
+            mod.register_forward_pre_hook(pre)
+            mod.register_forward_hook(post)
+            marked += 1
+        for child in mod.children():
+            visit(child, inside or hit)
+    visit(model, False)
+    return marked
+
+
+def layer_times(averages, device_type: str, steps: int) -> List[Tuple[str, float, int]]:
+    """(layer class, inclusive ms per step, calls per step) of the marked attention layers."""
+    attr = "device_time_total" if device_type == "cuda" else "cpu_time_total"
+    rows = [(e.key[len(LAYER_PREFIX):], getattr(e, attr, 0.0) / 1e3 / steps, e.count // steps)
+            for e in averages if e.key.startswith(LAYER_PREFIX)]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def profile_model(model, x, mode: str, steps: int, warmup: int, trace: str, device):
     """Profile ``steps`` steps; returns (key_averages, per-step wall times in ms)."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -156,10 +203,10 @@ def profile_model(model, x, mode: str, steps: int, warmup: int, trace: str, devi
 
 def top_ops(averages, device_type: str, top: int) -> List[Tuple[str, float, float, int]]:
     """(name, self ms per step-run total, share of all self time, calls), largest first.
-    Device time on CUDA, CPU time otherwise; the profiler's own step markers are excluded."""
+    Device time on CUDA, CPU time otherwise; the step and layer ranges vitkern adds are excluded."""
     attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     rows = [(e.key, getattr(e, attr, 0.0) / 1e3, e.count) for e in averages
-            if not e.key.startswith("step ") and getattr(e, attr, 0.0) > 0]
+            if not e.key.startswith(("step ", LAYER_PREFIX)) and getattr(e, attr, 0.0) > 0]
     total = sum(r[1] for r in rows) or 1.0
     rows.sort(key=lambda r: -r[1])
     return [(name, ms, ms / total, count) for name, ms, count in rows[:top]]
@@ -239,6 +286,8 @@ def main(argv=None) -> int:
         report = vitkern.patch(patched)
         print(report)
         variants.append(("patched", patched))
+    for _, m in variants:   # after patching, so the ranges name the layers that actually run
+        mark_attention_layers(m)
     traces = _trace_paths(args)
     step_ms: Dict[str, float] = {}
     for (label, m), trace in zip(variants, traces):
@@ -249,6 +298,9 @@ def main(argv=None) -> int:
         print("\n".join(format_top(f"{label}: median step {step_ms[label]:.2f} ms (under the profiler); "
                                    f"top {len(rows)} ops by self {'CUDA' if device.type == 'cuda' else 'CPU'} time",
                                    rows, args.steps)))
+        for cls, ms, calls in layer_times(averages, device.type, args.steps):
+            print(f"  attention layers {cls}: {ms:.3f} ms/step inclusive, {calls} calls/step "
+                  f"({100 * ms / step_ms[label]:.1f}% of the step)")
         print(f"  chrome trace: {trace}")
     if args.patch:
         ratio = step_ms["unpatched"] / step_ms["patched"]

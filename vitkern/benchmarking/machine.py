@@ -57,7 +57,7 @@ def _best_seconds(fn, repeats: int, device: torch.device) -> float:
     return best
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -79,7 +79,7 @@ def measure_roofline(device: torch.device, dtype: torch.dtype = torch.float32,
     else:
         copy_elems, n, repeats = (16 << 20 if quick else 64 << 20), (1024 if quick else 2048), 5
         mm_dtype = torch.float32
-        name = _cpu_name()
+        name = cpu_name()
     src = torch.randn(copy_elems, device=device)
     dst = torch.empty_like(src)
     t_copy = _best_seconds(lambda: dst.copy_(src), repeats, device)

@@ -28,7 +28,9 @@ def plot_run(run, path: str) -> str:
     """Draw two panels (speedup, peak memory) against the case shapes and save a PNG to ``path``."""
     plt = _pyplot()
     cases = run.cases
-    labels: List[str] = [f"{cr.case.label}\n{cr.case.describe()}" for cr in cases]
+    several_levels = len({cr.level for cr in cases}) > 1
+    labels: List[str] = [f"{cr.case.label}{f' [{cr.level}]' if several_levels else ''}\n{cr.case.describe()}"
+                         for cr in cases]
     peers = []
     for cr in cases:
         for r in cr.results:

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .machine import cpu_name
+
 
 SCHEMA = "vitkern-bench/1"
 TIMING_METHOD = {
@@ -64,7 +66,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

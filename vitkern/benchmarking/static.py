@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -32,31 +32,50 @@ DATASHEET = (
 )
 
 
-def compile_lines(ops: Sequence[str]) -> Tuple[List[str], List[dict]]:
-    """Compile every spec of every op for sm_80 and sm_90; text lines and report dicts."""
+def compile_lines(ops: Sequence[str], emit: Callable[[str], None] = lambda line: None
+                  ) -> Tuple[List[str], List[dict]]:
+    """Compile every spec of every op for sm_80 and sm_90; text lines and report dicts. Compiling
+    takes minutes, so each op's lines are also passed to ``emit`` as soon as they exist."""
+    from .._backend import interpreter_on
     from ..aot import compile_report
 
     lines, records = [], []
     for op in ops:
+        start = len(lines)
         modname = OPS_MODULES[op]
         lines.append(f"-- {op}: {modname}.aot_specs()")
+        emit(lines[-1])
         try:
             specs = importlib.import_module(modname).aot_specs()
         except Exception as exc:
             lines.append(f"   unavailable: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
             records.append({"op": op, "error": f"{type(exc).__name__}: {exc}"})
+            for line in lines[start + 1:]:
+                emit(line)
             continue
         try:
-            reports = compile_report(specs)
+            reports = []
+            if interpreter_on():   # compile_report then runs a subprocess per call: one batch
+                reports = compile_report(specs)
+            else:                  # in process: stream one line per compiled spec and arch
+                for spec in specs:
+                    for r in compile_report([spec]):
+                        reports.append(r)
+                        emit("   " + r.line())
         except Exception as exc:
             lines.append(f"   compile failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             records.append({"op": op, "error": f"{type(exc).__name__}: {exc}"})
+            for line in lines[start + 1:]:
+                emit(line)
             continue
         for r in reports:
             lines.append("   " + r.line())
             records.append(dict(dataclasses.asdict(r), op=op))
         bad = [r for r in reports if r.error or r.spills]
         lines.append(f"   {len(reports)} compiles, {len(bad)} failed or spilling")
+        streamed = 0 if interpreter_on() else len(reports)
+        for line in lines[start + 1 + streamed:]:
+            emit(line)
     return lines, records
 
 
@@ -83,22 +102,25 @@ def model_lines(cases, level_cost, dtype_name: str) -> Tuple[List[str], List[dic
 
 
 def static_report(ops: Sequence[str], cases, level: str, dtype: torch.dtype, dtype_name: str,
-                  compile_kernels: bool = True) -> Tuple[str, dict]:
+                  compile_kernels: bool = True, emit: Callable[[str], None] = print) -> dict:
+    """Emit the report line by line (the compiles take minutes); return the records for JSON."""
     from .runner import case_cost
 
-    lines = ["vitkern bench --static: AOT compile report (sm_80, sm_90) and the byte/FLOP model", ""]
+    emit("vitkern bench --static: AOT compile report (sm_80, sm_90) and the byte/FLOP model")
+    emit("")
     records: dict = {"compile": [], "model": []}
     if compile_kernels:
-        cl, cr = compile_lines(ops)
-        lines += ["Triton kernels, compiled ahead of time (no GPU needed):"] + cl + [""]
-        records["compile"] = cr
-    lines.append(f"Byte/FLOP model, {level} level, {dtype_name} (vitkern.roofline; e/f = eager bytes / fused "
-                 "bytes; F/B = fused FLOPs per byte; 'us' = roofline lower bound from datasheet peaks, "
-                 "not a measurement):")
-    ml, mr = model_lines(cases, lambda c, m: case_cost(c, level, m, dtype), dtype_name)
-    lines += ml
-    records["model"] = mr
-    lines += ["", "datasheet peaks used: " + "; ".join(
+        emit("Triton kernels, compiled ahead of time (no GPU needed):")
+        _, records["compile"] = compile_lines(ops, emit)
+        emit("")
+    emit(f"Byte/FLOP model, {level} level, {dtype_name} (vitkern.roofline; e/f = eager bytes / fused "
+         "bytes; F/B = fused FLOPs per byte; 'us' = roofline lower bound from datasheet peaks, "
+         "not a measurement):")
+    ml, records["model"] = model_lines(cases, lambda c, m: case_cost(c, level, m, dtype), dtype_name)
+    for line in ml:
+        emit(line)
+    emit("")
+    emit("datasheet peaks used: " + "; ".join(
         f"{g.name}: {g.bandwidth_gbs:.0f} GB/s, {g.tflops.get(dtype_name, g.tflops['fp32'])} TFLOP/s {dtype_name}"
-        for g in DATASHEET)]
-    return "\n".join(lines), records
+        for g in DATASHEET))
+    return records

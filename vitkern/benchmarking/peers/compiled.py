@@ -1,8 +1,8 @@
 """torch.compile'd peers: FlexAttention and an inductor-compiled eager path.
 
-Compiling is slow on CPU (tens of seconds per shape). The runner times each peer's first call;
-a compiled peer whose first call exceeds the compile budget is dropped for the remaining cases
-with that reason, so the whole run stays within minutes.
+Compiling is slow on CPU (seconds to a minute per shape). The runner adds up each compiled peer's
+first calls; once they pass the compile budget the peer is dropped for the remaining cases with
+that reason, so the whole run stays within minutes.
 """
 from __future__ import annotations
 
