@@ -77,7 +77,7 @@ def _cpu_block(fn: Workload, rot: _Rotation, calls: int) -> float:
 
 
 def time_interleaved_cpu(workloads: Dict[str, Workload], n_sets: int, rounds: int, warmup: int = 2,
-                         min_block_s: float = 0.02, budget_s: Optional[float] = None,
+                         min_block_s: float = 0.005, budget_s: Optional[float] = None,
                          min_rounds: int = 5, seed: int = 0) -> Dict[str, Timing]:
     """Time every workload in interleaved rounds. ``budget_s`` caps the rounds (never below
     ``min_rounds``) from the cost of one round measured during warm-up."""

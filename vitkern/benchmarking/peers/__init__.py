@@ -80,7 +80,8 @@ def make_workload(prep: Prepared, setup: Setup, ctx: BenchContext):
             g = torch.Generator(device="cpu").manual_seed(1000 + i)
             grad_outs[i] = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
         targets = [t for t in inputs if t.requires_grad] + prep.params
-        return torch.autograd.grad(out, targets, grad_outs[i])
+        # allow_unused: a parameter a peer keeps but does not use on this path gets no gradient
+        return torch.autograd.grad(out, targets, grad_outs[i], allow_unused=True)
     return fwdbwd
 
 

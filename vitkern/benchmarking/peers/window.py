@@ -205,7 +205,8 @@ def _prepare_vitkern(case, setup: Setup, ctx: BenchContext) -> Prepared:
     mod = mod.to(ctx.device, ctx.dtype).eval()
     if not hasattr(mod, "_attn"):
         raise Unavailable(f"vitkern.nn.{name} has no _attn (attention path) to time")
-    return Prepared(mod._attn, module_params(mod), note=f"vitkern.nn.{name}._attn")
+    # the attention path's parameters only (norms and MLP of the block are not on it)
+    return Prepared(mod._attn, module_params(mod.attn), note=f"vitkern.nn.{name}._attn")
 
 
 def _prepare_reference(case, setup: Setup, ctx: BenchContext) -> Prepared:
