@@ -119,7 +119,7 @@ def _bench(benchmark, shape, batch, peer, mode, device, dtype, rounds):
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("shape,batch", CPU_CASES, ids=[f"{s}-B{b}" for s, b in CPU_CASES])
 def test_cpu_fp32_layer(benchmark, shape, batch, peer, mode):
-    _bench(benchmark, shape, batch, peer, mode, "cpu", torch.float32, rounds=5 if batch > 2 else 10)
+    _bench(benchmark, shape, batch, peer, mode, "cpu", torch.float32, rounds=3 if batch > 2 else 7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton path needs a GPU")
