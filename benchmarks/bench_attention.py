@@ -1,7 +1,7 @@
 """ViT attention LAYER benchmarks (qkv Linear -> attention -> proj): vitkern.nn.Attention against
 timm.layers.Attention (fused SDPA path and eager path) and the eager reference module.
 
-    pytest benchmarks/bench_attention.py --benchmark-only            # pytest-benchmark suite
+    pytest benchmarks/bench_attention.py --benchmark-only -n 0       # pytest-benchmark suite
     python benchmarks/bench_attention.py --threads 2 --repeats 21    # interleaved ratio table
 
 Shapes: ViT-S/16, ViT-B/16, ViT-L/16 at 224 (N = 197 tokens; 6/12/16 heads x 64) and ViT-B/16 at
