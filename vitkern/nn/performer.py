@@ -48,6 +48,7 @@ class _LayerNormLinear(torch.autograd.Function):
         if need_w:
             xn = torch.native_layer_norm(x, (dim,), norm_weight, norm_bias, ctx.norm_eps)[0]
             dweight = g2.t().mm(xn.reshape(-1, dim))
+            del xn  # gone before the input gradient is formed: the two never coexist
         if need_b and ctx.has_bias:
             dbias = g2.sum(0)
         dx = dnw = dnb = None
