@@ -17,19 +17,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def quick_run(tmp_path_factory):
     """One `vitkern bench --quick` over all three ops, shared by the checks below."""
     out = tmp_path_factory.mktemp("bench")
-    js, png = out / "r.json", out / "r.png"
+    js, png, md = out / "r.json", out / "r.png", out / "r.md"
     threads = torch.get_num_threads()
     import io
     from contextlib import redirect_stdout
     buf = io.StringIO()
     with redirect_stdout(buf):
-        rc = bench_cli.main(["--quick", "--json", str(js), "--plot", str(png), "--no-progress"])
+        rc = bench_cli.main(["--quick", "--json", str(js), "--plot", str(png), "--markdown", str(md),
+                             "--no-progress"])
     torch.set_num_threads(threads)
-    return rc, buf.getvalue(), js, png
+    return rc, buf.getvalue(), js, png, md
 
 
 def test_quick_run_prints_a_table_per_op(quick_run):
-    rc, text, _, _ = quick_run
+    rc, text, _, _, md = quick_run
     assert rc == 0
     for op in ("attention", "window", "performer"):
         assert f"== {op} (layer)" in text
@@ -37,10 +38,13 @@ def test_quick_run_prints_a_table_per_op(quick_run):
     assert "roofline (measured):" in text
     # compiled peers are left out of a smoke run, and the table says so
     assert "flex" in text and "--quick skips torch.compile'd peers" in text
+    table = md.read_text()
+    assert table.count("| case | shape | peer |") == 3
+    assert "| tiny window | B=1 10x10 win4 shift2 2x24 | reference |" in table
 
 
 def test_quick_json_matches_schema(quick_run):
-    _, _, js, _ = quick_run
+    _, _, js, _, _ = quick_run
     doc = json.loads(js.read_text())
     report.validate(doc)                      # the full schema check
     env = doc["environment"]
@@ -64,13 +68,13 @@ def test_quick_json_matches_schema(quick_run):
 
 
 def test_quick_plot_is_a_png(quick_run):
-    _, _, _, png = quick_run
+    _, _, _, png, _ = quick_run
     data = png.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 1000
 
 
 def test_schema_rejects_broken_documents(quick_run):
-    _, _, js, _ = quick_run
+    _, _, js, _, _ = quick_run
     good = json.loads(js.read_text())
     bad = json.loads(js.read_text())
     del bad["machine"]["bandwidth_gbs"]

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: cap the timing rounds of one case to about S seconds (default 4; quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
     p.add_argument("--json", metavar="FILE", help="write results with environment metadata as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the result tables as Markdown")
     p.add_argument("--plot", metavar="FILE", help="draw speedup and peak memory vs shape (PNG; needs matplotlib)")
     p.add_argument("--static", action="store_true",
                    help="no timing: print the AOT compile report of every Triton kernel (sm_80, sm_90) "
@@ -148,6 +149,11 @@ def main(argv=None) -> int:
     if args.json:
         report.write_json(run, args.json)
         print(f"wrote {args.json}")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(run))
+        print(f"wrote {args.markdown}")
     if args.plot:
         from .benchmarking.plot import PlotUnavailable, plot_run
         try:

@@ -60,11 +60,12 @@ def plot_run(run, path: str) -> str:
     ax_m.set_ylabel("peak memory per call (MiB)")
     ax_m.set_xticks(x)
     ax_m.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     for ax in (ax_s, ax_m):
+        # plain numbers at 1, 2, 5 x 10^k instead of scientific labels on every minor tick
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(axis="y", which="both", alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
         if handles:

@@ -178,6 +178,39 @@ def format_run(run) -> str:
     return "\n".join(lines)
 
 
+def markdown(run) -> str:
+    """The results as Markdown: one table per op and level, a row per case and peer."""
+    m, cfg = run.machine, run.config
+    out = [f"{cfg.level} level, {cfg.mode}, {cfg.dtype}, {m.device} ({m.device_name}, {m.threads} threads); "
+           f"measured roofline {m.bandwidth_gbs:.1f} GB/s copy, {m.matmul_gflops:.1f} GFLOP/s {m.matmul_dtype} "
+           "matmul. 'vs vitkern' = peer median / vitkern median (>1: vitkern faster).", ""]
+    groups: Dict[tuple, list] = {}
+    for cr in run.cases:
+        groups.setdefault((cr.case.op, cr.level), []).append(cr)
+    for (op, level), crs in groups.items():
+        out += [f"**{op}** ({level}: {crs[0].what})", "",
+                "| case | shape | peer | median ms | IQR ms | vs vitkern | peak MB | GB/s | GFLOP/s | %roof |",
+                "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for cr in crs:
+            for r in cr.results:
+                head = f"| {cr.case.label} | {cr.case.describe()} | {r.peer} |"
+                if r.timing is None:
+                    out.append(f"{head} {r.status}: {r.reason.replace('|', '/')} | | | | | | |")
+                    continue
+                vs = "1.00" if r.peer == "vitkern" else _fmt(r.vitkern_speedup, ".2f")
+                mem = r.peak_mem_bytes / 1e6 if r.peak_mem_bytes is not None else None
+                out.append(f"{head} {r.timing.median_ms:.3f} | {r.timing.iqr_ms:.3f} | {vs} | {_fmt(mem, '.2f')} | "
+                           f"{_fmt(r.gbs, '.2f')} | {_fmt(r.gflops, '.1f')} | "
+                           f"{_fmt(100 * r.roofline_frac if r.roofline_frac is not None else None, '.1f')} |")
+        out.append("")
+    sp = geomean_speedups(run)
+    if sp:
+        out += ["| vitkern vs | geomean speedup | min | max | cases |", "| --- | ---: | ---: | ---: | ---: |"]
+        out += [f"| {p} | {v['geomean']:.2f} | {v['min']:.2f} | {v['max']:.2f} | {v['cases']} |"
+                for p, v in sorted(sp.items())]
+    return "\n".join(out) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # json
 
