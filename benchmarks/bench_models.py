@@ -10,8 +10,11 @@ forward, train mode for the training step):
   eager window attention, since timm marks its fused Swin path experimental and leaves it off);
 - ``timm_fused``: Swin with timm's fused attention switched on (``fused_attn = True`` in every
   WindowAttention: SDPA with the bias and shift mask as an additive mask).
-Cases: Swin-T/7 at 224 and ViT-B/16 at 224, batch 8 (forward), Swin-T training step (forward +
-backward of a cross-entropy loss), batch 8. CUDA cases skip with the reason when no GPU is present.
+- ``t2t_eager`` (T2T-ViT-14, which timm does not have): the vitkern.models network with T2T's own
+  Token_performer formula (eager einsums) in the tokens-to-token stage and timm's Attention in
+  the blocks.
+Cases: Swin-T/7 at 224, ViT-B/16 at 224 and T2T-ViT-14 at 224, batch 8 (forward), Swin-T
+training step (forward + backward of a cross-entropy loss), batch 8. CUDA cases skip with the reason when no GPU is present.
 The ratio table interleaves the peers round by round and reports medians, so a noisy, shared
 machine slows every peer alike.
 """
@@ -33,7 +36,32 @@ CASES = [
     ("swin_tiny_patch4_window7_224", 224, 8, "forward"),
     ("swin_tiny_patch4_window7_224", 224, 8, "train_step"),
     ("vit_base_patch16_224", 224, 8, "forward"),
+    ("t2t_vit_14", 224, 8, "forward"),
 ]
+
+
+def _t2t_peers(name: str, device) -> Dict[str, nn.Module]:
+    """T2T-ViT has no timm model: the peer is the same network with T2T's own Token_performer
+    formula (eager einsums, vitkern.reference) in the tokens-to-token stage and timm's Attention
+    (SDPA) in the blocks."""
+    from timm.layers import Attention as TimmAttention
+
+    import vitkern.models
+    from vitkern.reference.performer import TokenPerformer as EagerTokenPerformer
+
+    torch.manual_seed(0)
+    fused = vitkern.models.create_model(name).to(device)
+    eager = copy.deepcopy(fused)
+    for attr in ("attention1", "attention2"):
+        old = getattr(eager.tokens_to_token, attr)
+        new = EagerTokenPerformer(old.kqv.in_features, old.emb)
+        new.load_state_dict(old.state_dict())
+        setattr(eager.tokens_to_token, attr, new.to(device))
+    for blk in eager.blocks:
+        new = TimmAttention(blk.attn.qkv.in_features, num_heads=blk.attn.num_heads)
+        new.load_state_dict(blk.attn.state_dict())
+        blk.attn = new.to(device)
+    return {"t2t_eager": eager, "vitkern": fused}
 
 
 def build_peers(name: str, device="cpu") -> Dict[str, nn.Module]:
@@ -42,6 +70,8 @@ def build_peers(name: str, device="cpu") -> Dict[str, nn.Module]:
 
     import vitkern
 
+    if name.startswith("t2t_vit"):
+        return _t2t_peers(name, device)
     torch.manual_seed(0)
     base = timm.create_model(name, pretrained=False).to(device)
     peers = {"timm": base}
@@ -134,7 +164,8 @@ def _case_id(case) -> str:
 def _params():
     out = []
     for case in CASES:
-        peers = ("vitkern", "timm", "timm_fused") if "swin" in case[0] else ("vitkern", "timm")
+        peers = (("vitkern", "timm", "timm_fused") if "swin" in case[0] else
+                 ("vitkern", "t2t_eager") if case[0].startswith("t2t") else ("vitkern", "timm"))
         out += [pytest.param(case, peer, id=f"{_case_id(case)}-{peer}") for peer in peers]
     return out
 
