@@ -118,7 +118,8 @@ BLOCK_DV_MAX = {16: 128, 32: 64, 64: 64, 128: 32, 256: 32}
 
 # Under TRITON_INTERPRET=1 there is nothing to tune and every program costs numpy calls: one
 # fixed tile, large enough to be fast, small enough that test shapes cross block boundaries.
-INTERPRETER_BLOCK_N = 64
+INTERPRETER_BLOCK_N = 128
+INTERPRETER_COLUMNS = 64  # BLOCK_DK / BLOCK_DC: fewer, wider numpy ops; d, d_v > 64 still loop
 INTERPRETER_KEYS_PER_CHUNK = 256
 
 
@@ -143,9 +144,10 @@ def block_for(n: int) -> int:
 
 def tile_sizes(d: int, dv: int, m: int) -> Dict[str, int]:
     block_m = block_for(m)
-    return {"BLOCK_M": block_m, "BLOCK_DK": min(block_for(d), BLOCK_DK_MAX),
+    cols = INTERPRETER_COLUMNS if interpreter_on() else None
+    return {"BLOCK_M": block_m, "BLOCK_DK": min(block_for(d), cols or BLOCK_DK_MAX),
             "BLOCK_DV": min(block_for(dv), BLOCK_DV_MAX[block_m]),
-            "BLOCK_DC": min(block_for(dv), BLOCK_DC_MAX)}
+            "BLOCK_DC": min(block_for(dv), cols or BLOCK_DC_MAX)}
 
 
 def blocks_for(kernel, blocks: Dict[str, int]) -> Dict[str, int]:
@@ -257,8 +259,9 @@ def _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe, l
     and ``c_t`` its row max, ``w = (exp(t - c_t) + fe) * beta`` and
     ``D = sum_f w + exp(log_eps + gamma - c_t + |x|^2/2)`` (the eps term, added by logaddexp in
     the log domain, so no intermediate overflows: where it dominates beyond fp32's range the
-    weights become 0), returns ``(omega, inv_den)``: ``omega = w / D`` (BLOCK_N, BLOCK_M), the
-    weight of each feature's ``KVn`` row, in [0, 1] with row sums <= 1, and ``1 / D``. The
+    weights become 0), returns ``(omega, inv_den, p_eps)``: ``omega = w / D`` (BLOCK_N, BLOCK_M),
+    the weight of each feature's ``KVn`` row, in [0, 1]; ``1 / D``; and the eps term's share
+    ``p_eps = 1 - sum_f omega`` evaluated directly (0 without eps), not as a difference. The
     forward and backward both call this, so the backward's weights are normalised exactly as
     the forward's. Padded rows/features give 0.
     """
@@ -278,8 +281,11 @@ def _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe, l
         x = log_eps + gamma - c_t + half_sq
         hi = tl.maximum(log_den, x)
         log_den = hi + tl.log(1.0 + tl.exp(-tl.abs(log_den - x)))
+        p_eps = tl.where(n_mask, tl.exp(x - log_den), 0.0)
+    else:
+        p_eps = tl.zeros_like(c_t)
     inv_den = tl.where(n_mask, tl.exp(-log_den), 0.0)
-    return w * inv_den[:, None], inv_den
+    return w * inv_den[:, None], inv_den, p_eps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,8 +468,8 @@ def _query_fwd_kernel(Q, WH, WL, STATS, KVN, O,
 
     wx, half_sq = _feature_logits(Q, q_base, stride_qn, offs_n, n_mask, WH, WL, D, M,
                                   BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
-    omega, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe,
-                                    log_eps, HAS_FE, HAS_EPS)
+    omega, inv_den, p_eps = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask,
+                                           n_mask, fe, log_eps, HAS_FE, HAS_EPS)
     omega_op = omega.to(Q.dtype.element_ty)  # in [0, 1], largest entry >= 1/m
 
     rows_o = offs_n.to(tl.int64) * stride_on
@@ -515,8 +521,8 @@ def _query_bwd_kernel(Q, DO, WH, WL, STATS, KVN, DQ, DELTA, DA,
 
     wx, half_sq = _feature_logits(Q, q_base, stride_qn, offs_n, n_mask, WH, WL, D, M,
                                   BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
-    omega, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask, fe,
-                                    log_eps, HAS_FE, HAS_EPS)
+    omega, inv_den, p_eps = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask,
+                                           n_mask, fe, log_eps, HAS_FE, HAS_EPS)
     # r = do KVn^T; KVn is split into high + low parts for half inputs because da takes
     # differences r_f - delta that are much smaller than r itself.
     rows_do = offs_n.to(tl.int64) * stride_don
@@ -533,16 +539,23 @@ def _query_bwd_kernel(Q, DO, WH, WL, STATS, KVN, DQ, DELTA, DA,
         if SPLIT:
             kv_lo = (kv - kv_hi.to(tl.float32)).to(DT)
             r = tl.dot(do_c, tl.trans(kv_lo), r, input_precision=DOT_PRECISION)
-    # delta = do . y with y = sum_f omega_f KVn_f: formed from the same r, so the differences
-    # r_f - delta are consistent (and the output is not read at all).
-    delta = tl.sum(omega * r, axis=1)
+    # delta = do . y with y = sum_f omega_f KVn_f, formed from the same r (the output is not
+    # read at all). da needs r_f - delta, often far smaller than r (peaked feature maps; a
+    # single key makes it exactly eps-sized), so it is taken around a row centre c:
+    #   r_f - delta = (r_f - c) - sum_f' omega_f' (r_f' - c) + p_eps c,
+    # where r_f - c is exact for r_f near c and p_eps = 1 - sum omega comes directly.
+    centre = tl.sum(omega * r, axis=1)
+    r = r - centre[:, None]
+    r_mean = tl.sum(omega * r, axis=1)
+    delta = centre + r_mean - p_eps * centre
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_n, delta, mask=n_mask)
-    # d omega / d t = exp(t - c) beta / D = omega - fe beta / D
+    r = r - (r_mean - p_eps * centre)[:, None]      # r_f - delta
+    # d omega / d t = exp(t - c_t) beta / D = omega - fe beta / D
     if HAS_FE:
         beta = tl.load(STATS + st_base + M + offs_f, mask=f_mask, other=0.0)
-        da = (omega - fe * beta[None, :] * inv_den[:, None]) * (r - delta[:, None])
+        da = (omega - fe * beta[None, :] * inv_den[:, None]) * r
     else:
-        da = omega * (r - delta[:, None])
+        da = omega * r
     _input_grad(DQ, dq_base, stride_dqn, Q, q_base, stride_qn, offs_n, n_mask, da, WH,
                 D, M, BLOCK_M, BLOCK_DK, DOT_PRECISION)
     if STORE_DA:
@@ -589,8 +602,8 @@ def _query_sums_kernel(Q, DO, WH, WL, STATS, DELTA, GP, GSP,
         n_mask = offs_n < stop
         wx, half_sq = _feature_logits(Q, q_base, stride_qn, offs_n, n_mask, WH, WL, D, M,
                                       BLOCK_N, BLOCK_M, BLOCK_DK, SPLIT, DOT_PRECISION)
-        omega, inv_den = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask, n_mask,
-                                        fe, log_eps, HAS_FE, HAS_EPS)
+        omega, inv_den, p_eps = _query_weights(wx, half_sq, STATS, st_base, M, offs_f, f_mask,
+                                               n_mask, fe, log_eps, HAS_FE, HAS_EPS)
         omega_op = omega.to(DT)                     # in [0, 1]: a safe tensor-core operand
         do_t = tl.load(DO + do_base + offs_n.to(tl.int64)[:, None] * stride_don + offs_e[None, :],
                        mask=n_mask[:, None] & e_mask[None, :], other=0.0)
