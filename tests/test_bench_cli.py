@@ -13,42 +13,45 @@ from vitkern.benchmarking.cases import builtin_cases, walk_model
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One `vitkern bench --quick` over all three ops, shared by the checks below."""
-    out = tmp_path_factory.mktemp("bench")
-    js, png, md = out / "r.json", out / "r.png", out / "r.md"
-    threads = torch.get_num_threads()
+def test_quick_run_end_to_end(tmp_path):
+    """One `vitkern bench --quick` over all three ops (one test, so parallel workers do not each
+    repeat the run): the tables, the JSON against its schema, the PNG and the Markdown."""
     import io
     from contextlib import redirect_stdout
+    js, png, md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
+    threads = torch.get_num_threads()
     buf = io.StringIO()
-    with redirect_stdout(buf):
-        rc = bench_cli.main(["--quick", "--json", str(js), "--plot", str(png), "--markdown", str(md),
-                             "--no-progress"])
-    torch.set_num_threads(threads)
-    return rc, buf.getvalue(), js, png, md
-
-
-def test_quick_run_prints_a_table_per_op(quick_run):
-    rc, text, _, _, md = quick_run
+    try:
+        with redirect_stdout(buf):
+            # one thread: on a shared 2-core machine OpenMP's second thread only adds waiting
+            rc = bench_cli.main(["--quick", "--threads", "1", "--json", str(js), "--plot", str(png),
+                                 "--markdown", str(md), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    text = buf.getvalue()
     assert rc == 0
+    _check_text(text, md.read_text())
+    _check_json(json.loads(js.read_text()))
+    _check_schema_rejects(js)
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+def _check_text(text, table):
     for op in ("attention", "window", "performer"):
         assert f"== {op} (layer)" in text
     assert "median ms" in text and "GB/s" in text and "%roof" in text
     assert "roofline (measured):" in text
     # compiled peers are left out of a smoke run, and the table says so
     assert "flex" in text and "--quick skips torch.compile'd peers" in text
-    table = md.read_text()
     assert table.count("| case | shape | peer |") == 3
     assert "| tiny window | B=1 10x10 win4 shift2 2x24 | reference |" in table
 
 
-def test_quick_json_matches_schema(quick_run):
-    _, _, js, _, _ = quick_run
-    doc = json.loads(js.read_text())
+def _check_json(doc):
     report.validate(doc)                      # the full schema check
     env = doc["environment"]
-    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] >= 1
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] == 1
     assert "git_commit" in env and env["timestamp"].endswith("+00:00")
     assert doc["config"]["quick"] is True and doc["config"]["level"] == "layer"
     assert doc["machine"]["bandwidth_gbs"] > 0 and doc["machine"]["matmul_gflops"] > 0
@@ -67,15 +70,7 @@ def test_quick_json_matches_schema(quick_run):
                 assert math.isclose(r["vitkern_speedup"], r["median_ms"] / results["vitkern"]["median_ms"])
 
 
-def test_quick_plot_is_a_png(quick_run):
-    _, _, _, png, _ = quick_run
-    data = png.read_bytes()
-    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
-
-
-def test_schema_rejects_broken_documents(quick_run):
-    _, _, js, _, _ = quick_run
-    good = json.loads(js.read_text())
+def _check_schema_rejects(js):
     bad = json.loads(js.read_text())
     del bad["machine"]["bandwidth_gbs"]
     with pytest.raises(ValueError, match="bandwidth_gbs"):
@@ -89,7 +84,6 @@ def test_schema_rejects_broken_documents(quick_run):
     bad["cases"][0]["results"][0].update(status="error", reason="")
     with pytest.raises(ValueError, match="say why"):
         report.validate(bad)
-    report.validate(good)
 
 
 def test_cuda_without_gpu_skips(capsys):
@@ -169,3 +163,25 @@ def test_model_walk_matches_builtin_shapes():
     # stage 1: 14x14, one unshifted and one shifted block; stage 2: 7x7 = one window, never shifted
     assert got == [((7, 7), 48, 2, 7, 0, 2), ((14, 14), 24, 1, 7, 0, 1), ((14, 14), 24, 1, 7, 3, 1)]
     assert all(c.batch == 2 and c.op == "window" for c in cases)
+
+
+def test_op_level_backward_peers_compute_the_same_function():
+    """Op level, forward + backward: the composed peers (timm's eager math, SDPA with the Swin
+    bias+mask and padded tokens carrying the qkv bias) match the float64 truth, so their timings
+    compare like with like."""
+    from vitkern.benchmarking.runner import RunConfig, Runner
+    from vitkern.benchmarking.machine import MachineRoofline
+    machine = MachineRoofline("cpu", "test", 10.0, 10.0, "float32", 0, 0, 1, "fixed for the test")
+    cfg = RunConfig(op="all", quick=True, level="op", mode="fwdbwd", peers=["reference", "eager", "sdpa"],
+                    repeats=2, case_budget_s=0.1, progress=False)
+    run = Runner(cfg).run(machine=machine)
+    ran = {(cr.case.op, r.peer): r for cr in run.cases for r in cr.results}
+    assert set(ran) == {("attention", "reference"), ("attention", "eager"), ("attention", "sdpa"),
+                        ("window", "reference"), ("window", "sdpa"), ("performer", "reference")}
+    for key, r in ran.items():
+        assert r.status == "ok", (key, r.reason)
+        assert r.rel_err < 1e-5 and r.peak_mem_bytes > 0 and len(r.timing.samples_ms) >= 2, key
+    # the backward model is what the GB/s of a fwdbwd run divide by
+    cr = next(cr for cr in run.cases if cr.case.op == "window")
+    r = ran[("window", "sdpa")]
+    assert math.isclose(r.gbs * r.timing.median_ms / 1e3 * 1e9, cr.cost.fused.fwdbwd.bytes, rel_tol=1e-9)

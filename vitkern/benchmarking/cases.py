@@ -117,19 +117,19 @@ def timm_name(model: str) -> Optional[str]:
 
 
 def _build_model(name: str) -> torch.nn.Module:
-    """A vitkern model builder (``vitkern.models``) by that name, else a timm model."""
+    """A timm model by that name, else a ``vitkern.models`` builder (T2T-ViT lives only there)."""
+    import timm
+    if name in timm.list_models():
+        return timm.create_model(name, pretrained=False)
     try:
         import vitkern.models as vm
-        builder = getattr(vm, name, None)
+        known = vm.list_models()
     except Exception:
-        builder = None
-    if callable(builder):
-        return builder(pretrained=False)
-    import timm
-    if name not in timm.list_models():
-        raise ValueError(f"--model: {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
-                         "a vitkern.models builder, nor a timm model name")
-    return timm.create_model(name, pretrained=False)
+        vm, known = None, []
+    if name in known:
+        return vm.create_model(name, pretrained=False)
+    raise ValueError(f"--model: {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                     "a timm model name, nor a vitkern.models builder")
 
 
 def _input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
