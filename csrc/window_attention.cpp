@@ -4,7 +4,9 @@
 // strides whose last one is 1. One work item is one (window, head). For each item the kernel
 //   - finds its N = Wh*Ww tokens by address arithmetic: padded-shifted coordinate
 //     (y', x') = (wy*Wh + i, wx*Ww + j) is image token ((y'+sh) % H, (x'+sw) % W) when y' < H and
-//     x' < W, else a padded token whose q/k/v row is `pad_qkv` (the qkv Linear's bias);
+//     x' < W, else a padded token whose q/k/v row is `pad_qkv` (the qkv Linear's bias); with
+//     `pad_on_tokens` the bias is also added to every image token's row here, so the Linear
+//     before the op can skip its bias (a broadcast pass over the whole qkv image);
 //   - gathers that head's q, k, v rows into small cache-resident tiles (converting bf16/fp16 to
 //     fp32; fp32 and fp64 compute in their own precision);
 //   - computes S = q k^T * scale (SwinV2: normalised q, k times exp(min(logit_scale, log 100))),
@@ -414,6 +416,7 @@ struct Args {
   const int32_t* bias_index;         // (N, N) table row of each pair, or null
   int64_t table_rows;
   const T* pad;                      // (3C) qkv of a padded token, or null (zeros)
+  bool pad_on_tokens;                // pad is the qkv Linear's bias, also added to every image token
   const T* logit;                    // (nH) exp(min(logit_scale, log 100)), or null (not V2)
   const double* logit_raw;           // (nH) logit_scale as given, for the clamp's gradient
   T scale;
@@ -512,9 +515,17 @@ inline void gather_head(const Args<S, T>& a, const WindowTokens& tok, int64_t h,
       const int64_t p = tok.pix[n];
       const int64_t b = p / (g.H * g.W), rem = p % (g.H * g.W), y = rem / g.W, x = rem % g.W;
       const S* row = a.qkv + b * a.qs_b + y * a.qs_h + x * a.qs_w + h * d;
-      for (int64_t c = 0; c < d; ++c) qr[c] = load_as<T>(row[c]);
-      for (int64_t c = 0; c < d; ++c) kr[c] = load_as<T>(row[C + c]);
-      for (int64_t c = 0; c < d; ++c) vr[c] = load_as<T>(row[2 * C + c]);
+      if (a.pad_on_tokens) {
+        // the qkv Linear's bias, fused here instead of a broadcast pass over the whole image
+        const T* bias = a.pad + h * d;
+        for (int64_t c = 0; c < d; ++c) qr[c] = load_as<T>(row[c]) + bias[c];
+        for (int64_t c = 0; c < d; ++c) kr[c] = load_as<T>(row[C + c]) + bias[C + c];
+        for (int64_t c = 0; c < d; ++c) vr[c] = load_as<T>(row[2 * C + c]) + bias[2 * C + c];
+      } else {
+        for (int64_t c = 0; c < d; ++c) qr[c] = load_as<T>(row[c]);
+        for (int64_t c = 0; c < d; ++c) kr[c] = load_as<T>(row[C + c]);
+        for (int64_t c = 0; c < d; ++c) vr[c] = load_as<T>(row[2 * C + c]);
+      }
     } else if (a.pad != nullptr) {
       const T* row = a.pad + h * d;
       for (int64_t c = 0; c < d; ++c) qr[c] = row[c];
@@ -707,6 +718,12 @@ inline void backward_items(const Args<S, T>& a, int64_t begin, int64_t end, Part
         for (int64_t c = 0; c < d; ++c) row[c] = static_cast<S>(gq[c]);
         for (int64_t c = 0; c < d; ++c) row[C + c] = static_cast<S>(gk[c]);
         for (int64_t c = 0; c < d; ++c) row[2 * C + c] = static_cast<S>(gv[c]);
+        if (a.pad_on_tokens && part.pad != nullptr) {
+          T* pr = part.pad + h * d;
+          for (int64_t c = 0; c < d; ++c) pr[c] += gq[c];
+          for (int64_t c = 0; c < d; ++c) pr[C + c] += gk[c];
+          for (int64_t c = 0; c < d; ++c) pr[2 * C + c] += gv[c];
+        }
       } else if (part.pad != nullptr) {
         // a padded query's output is dropped, so its dq is zero: only k and v reach pad_qkv
         T* pr = part.pad + h * d;
@@ -837,7 +854,7 @@ Prepared prepare(const Geometry& g, at::ScalarType ct, const c10::optional<at::T
 }
 
 template <typename S, typename T>
-Args<S, T> make_args(const Geometry& g, const at::Tensor& qkv, const Prepared& p, double scale) {
+Args<S, T> make_args(const Geometry& g, const at::Tensor& qkv, const Prepared& p, double scale, bool pad_on_tokens) {
   Args<S, T> a{};
   a.g = g;
   a.qkv = qkv.data_ptr<S>();
@@ -848,6 +865,7 @@ Args<S, T> make_args(const Geometry& g, const at::Tensor& qkv, const Prepared& p
   a.bias_index = p.bias_index.defined() ? p.bias_index.data_ptr<int32_t>() : nullptr;
   a.table_rows = (2 * g.Wh - 1) * (2 * g.Ww - 1);
   a.pad = p.pad.defined() ? p.pad.data_ptr<T>() : nullptr;
+  a.pad_on_tokens = pad_on_tokens && a.pad != nullptr;
   a.logit = p.logit.defined() ? p.logit.data_ptr<T>() : nullptr;
   a.logit_raw = p.logit_raw.defined() ? p.logit_raw.data_ptr<double>() : nullptr;
   a.scale = static_cast<T>(scale);
@@ -859,7 +877,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv_in
                                                         const c10::optional<at::Tensor>& pad_qkv,
                                                         const c10::optional<at::Tensor>& logit_scale,
                                                         int64_t num_heads, int64_t win_h, int64_t win_w,
-                                                        int64_t shift_h, int64_t shift_w, double scale) {
+                                                        int64_t shift_h, int64_t shift_w, double scale,
+                                                        bool pad_on_tokens) {
   check_inputs(qkv_in, num_heads, win_h, win_w, shift_h, shift_w);
   const at::Tensor qkv = qkv_in;
   const Geometry g = make_geometry(qkv, num_heads, win_h, win_w, shift_h, shift_w);
@@ -872,7 +891,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& qkv_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_fwd", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    Args<S, T> a = make_args<S, T>(g, qkv, p, scale);
+    Args<S, T> a = make_args<S, T>(g, qkv, p, scale, pad_on_tokens);
     a.out = out.data_ptr<S>();
     if constexpr (std::is_same_v<T, double>) a.lse_d = lse.data_ptr<double>();
     else a.lse_f = lse.data_ptr<float>();
@@ -893,7 +912,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(
     at::Tensor dqkv, const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse_in,
     const c10::optional<at::Tensor>& bias_table, const c10::optional<at::Tensor>& pad_qkv,
     const c10::optional<at::Tensor>& logit_scale, int64_t num_heads, int64_t win_h, int64_t win_w, int64_t shift_h,
-    int64_t shift_w, double scale, bool need_table_grad, bool need_pad_grad, bool need_logit_grad) {
+    int64_t shift_w, double scale, bool need_table_grad, bool need_pad_grad, bool need_logit_grad,
+    bool pad_on_tokens) {
   check_inputs(qkv, num_heads, win_h, win_w, shift_h, shift_w);
   const Geometry g = make_geometry(qkv, num_heads, win_h, win_w, shift_h, shift_w);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.B && grad_out.size(1) == g.H && grad_out.size(2) == g.W &&
@@ -923,7 +943,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_into(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_bwd", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    Args<S, T> a = make_args<S, T>(g, qkv, p, scale);
+    Args<S, T> a = make_args<S, T>(g, qkv, p, scale, pad_on_tokens);
     a.dout = dout.data_ptr<S>();
     a.ds_b = dout.stride(0);
     a.ds_h = dout.stride(1);
@@ -989,12 +1009,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse,
     const c10::optional<at::Tensor>& bias_table, const c10::optional<at::Tensor>& pad_qkv,
     const c10::optional<at::Tensor>& logit_scale, int64_t num_heads, int64_t win_h, int64_t win_w, int64_t shift_h,
-    int64_t shift_w, double scale, bool need_table_grad, bool need_pad_grad, bool need_logit_grad) {
+    int64_t shift_w, double scale, bool need_table_grad, bool need_pad_grad, bool need_logit_grad,
+    bool pad_on_tokens) {
   TORCH_CHECK(qkv.dim() == 4, "window_attention: qkv must be (B, H, W, 3C)");
   auto dqkv = at::empty(qkv.sizes(), qkv.options().memory_format(at::MemoryFormat::Contiguous));
   auto [dtable, dpad, dlogit] = backward_into(dqkv, grad_out, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads,
                                               win_h, win_w, shift_h, shift_w, scale, need_table_grad, need_pad_grad,
-                                              need_logit_grad);
+                                              need_logit_grad, pad_on_tokens);
   return {dqkv, dtable, dpad, dlogit};
 }
 
@@ -1003,10 +1024,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_(
     const at::Tensor& grad_out, at::Tensor& qkv, const at::Tensor& lse, const c10::optional<at::Tensor>& bias_table,
     const c10::optional<at::Tensor>& pad_qkv, const c10::optional<at::Tensor>& logit_scale, int64_t num_heads,
     int64_t win_h, int64_t win_w, int64_t shift_h, int64_t shift_w, double scale, bool need_table_grad,
-    bool need_pad_grad, bool need_logit_grad) {
+    bool need_pad_grad, bool need_logit_grad, bool pad_on_tokens) {
   TORCH_CHECK(qkv.is_contiguous(), "window_attention: the in-place backward needs a contiguous qkv");
   return backward_into(qkv, grad_out, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, win_h, win_w, shift_h,
-                       shift_w, scale, need_table_grad, need_pad_grad, need_logit_grad);
+                       shift_w, scale, need_table_grad, need_pad_grad, need_logit_grad, pad_on_tokens);
 }
 
 }  // namespace
@@ -1014,17 +1035,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_(
 TORCH_LIBRARY_FRAGMENT(vitkern_cpu, m) {
   m.def(
       "window_attention_fwd(Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, Tensor? logit_scale, int num_heads, "
-      "int win_h, int win_w, int shift_h, int shift_w, float scale) -> (Tensor out, Tensor lse)");
+      "int win_h, int win_w, int shift_h, int shift_w, float scale, bool pad_on_tokens=False) -> (Tensor out, "
+      "Tensor lse)");
   m.def(
       "window_attention_bwd(Tensor grad_out, Tensor qkv, Tensor lse, Tensor? bias_table, Tensor? pad_qkv, "
       "Tensor? logit_scale, int num_heads, int win_h, int win_w, int shift_h, int shift_w, float scale, "
-      "bool need_table_grad, bool need_pad_grad, bool need_logit_grad) -> (Tensor grad_qkv, Tensor grad_table, "
-      "Tensor grad_pad, Tensor grad_logit)");
+      "bool need_table_grad, bool need_pad_grad, bool need_logit_grad, bool pad_on_tokens=False) -> "
+      "(Tensor grad_qkv, Tensor grad_table, Tensor grad_pad, Tensor grad_logit)");
   m.def(
       "window_attention_bwd_(Tensor grad_out, Tensor(a!) qkv, Tensor lse, Tensor? bias_table, Tensor? pad_qkv, "
       "Tensor? logit_scale, int num_heads, int win_h, int win_w, int shift_h, int shift_w, float scale, "
-      "bool need_table_grad, bool need_pad_grad, bool need_logit_grad) -> (Tensor grad_table, Tensor grad_pad, "
-      "Tensor grad_logit)");
+      "bool need_table_grad, bool need_pad_grad, bool need_logit_grad, bool pad_on_tokens=False) -> "
+      "(Tensor grad_table, Tensor grad_pad, Tensor grad_logit)");
 }
 
 TORCH_LIBRARY_IMPL(vitkern_cpu, CPU, m) {

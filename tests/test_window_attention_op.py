@@ -157,6 +157,25 @@ def test_v2_zero_key_padding(impl):
         assert_close(g, rg, F64)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "composite"], indirect=True)
+@pytest.mark.parametrize("variant,size,dtype", [("v1", (10, 9), F64), ("v2", (11, 13), F64), ("v1", (8, 8), F32),
+                                                ("v2", (9, 7), BF16)])
+def test_qkv_bias_fused_into_the_op(impl, variant, size, dtype):
+    """qkv_bias: the op adds the qkv Linear's bias to every row it reads (padded tokens get the
+    bias alone); equals the reference on qkv + bias with pad_qkv = bias, gradients included."""
+    (qkv, table, bias, logit), ref_in = _inputs(2, *size, 2, 8, 4, variant, dtype, seed=7)
+    leaves = [t.requires_grad_() for t in (qkv, table, bias)]
+    with poison_outputs():
+        out = vitkern.window_attention(qkv, 2, 4, 2, table, qkv_bias=bias, logit_scale=logit, backend="cpu")
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+        grads = _grads(out, leaves, dout)
+    q64, t64, b64 = [t.clone().requires_grad_() for t in ref_in[:3]]
+    ref = R.window_attention_from_qkv(q64 + b64, 2, 4, 2, t64, b64, None, ref_in[3])
+    assert_close(out, ref, dtype)
+    for name, g, rg in zip(("dqkv", "dtable", "dqkv_bias"), grads, _grads(ref, [q64, t64, b64], dout.double())):
+        assert_close(g, rg, dtype, what=name)
+
+
 def test_pad_qkv_q_part_gets_no_gradient():
     qkv = torch.randn(1, 9, 9, 24, dtype=F64)
     pad = torch.randn(24, dtype=F64, requires_grad=True)
@@ -232,6 +251,9 @@ BAD = [
     (dict(logit_scale=torch.randn(3)), ValueError, "logit_scale"),
     (dict(logit_scale=torch.randn(2, 2)), ValueError, "logit_scale"),
     (dict(bias_table=torch.randn(49, 2, device="meta")), ValueError, "device"),
+    (dict(qkv_bias=torch.randn(24)), ValueError, "qkv_bias"),                       # with pad_qkv
+    (dict(pad_qkv=None, qkv_bias=torch.randn(12)), ValueError, "qkv_bias"),
+    (dict(pad_qkv=None, qkv_bias=torch.randn(24, dtype=torch.float64)), ValueError, "qkv_bias"),
 ]
 
 
@@ -265,9 +287,9 @@ def test_custom_ops_pass_opcheck(impl):
     pad = torch.randn(24, dtype=F64, requires_grad=True)
     logit = torch.randn(2, 1, 1, dtype=F64, requires_grad=True)
     torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
-                          (qkv, table, pad, None, 2, [4, 4], [2, 2], 0.3, "cpu", False, False, False))
+                          (qkv, table, pad, None, 2, [4, 4], [2, 2], 0.3, "cpu", False, False, False, False))
     torch.library.opcheck(torch.ops.vitkern.window_attention_fwd.default,
-                          (qkv, table, pad, logit, 2, [4, 4], [0, 2], 1.0, "cpu", False, False, False))
+                          (qkv, table, pad, logit, 2, [4, 4], [0, 2], 1.0, "cpu", False, False, False, True))
 
 
 def test_in_place_backward_op_passes_opcheck():
@@ -278,7 +300,7 @@ def test_in_place_backward_op_passes_opcheck():
     out, lse = cpu_wa.forward(qkv, 2, (4, 4), (2, 2), table, None, 0.3, None)
     torch.library.opcheck(torch.ops.vitkern.window_attention_bwd_in_place.default,
                           (torch.randn_like(out), qkv.clone(), lse, table, None, None, 2, [4, 4], [2, 2], 0.3,
-                           [True, True, False, False]))
+                           [True, True, False, False], False))
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])

@@ -51,17 +51,19 @@ def lse_shape(qkv_shape: Sequence[int], num_heads: int, window_size: Pair) -> Tu
 # C++ kernel
 # ---------------------------------------------------------------------------------------------
 def forward(qkv: Tensor, num_heads: int, window_size: Pair, shift_size: Pair, bias_table: Optional[Tensor],
-            pad_qkv: Optional[Tensor], scale: float, logit_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(out (B, H, W, C), lse) from the C++ kernel. ``scale`` must be resolved (not None)."""
+            pad_qkv: Optional[Tensor], scale: float, logit_scale: Optional[Tensor],
+            pad_on_tokens: bool = False) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, W, C), lse) from the C++ kernel. ``scale`` must be resolved (not None).
+    ``pad_on_tokens``: ``pad_qkv`` is the qkv Linear's bias, also added to every token."""
     return torch.ops.vitkern_cpu.window_attention_fwd(
         qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
-        shift_size[0], shift_size[1], float(scale))
+        shift_size[0], shift_size[1], float(scale), bool(pad_on_tokens))
 
 
 def backward(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
              bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], scale: float,
-             logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True)
-             ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+             logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True),
+             pad_on_tokens: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dqkv, dbias_table, dpad_qkv, dlogit_scale) from the C++ kernel; None where an input is
     None or its gradient is not in ``needs`` (qkv, bias_table, pad_qkv, logit_scale)."""
     want_table = bool(needs[1]) and bias_table is not None
@@ -69,17 +71,15 @@ def backward(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, window_size
     want_logit = bool(needs[3]) and logit_scale is not None
     dqkv, dtable, dpad, dlogit = torch.ops.vitkern_cpu.window_attention_bwd(
         dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
-        shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit)
-    if want_pad and dpad.numel() == 0 and pad_qkv.numel() > 0:
-        dpad = torch.zeros_like(pad_qkv)
+        shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit, bool(pad_on_tokens))
     return (dqkv, dtable if want_table else None, dpad if want_pad else None,
             dlogit if want_logit else None)
 
 
 def backward_in_place(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
                       bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], scale: float,
-                      logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True)
-                      ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                      logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True),
+                      pad_on_tokens: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Like :func:`backward`, but the qkv gradient overwrites ``qkv`` (contiguous) and ``qkv``
     is returned as dqkv: no second qkv-sized buffer."""
     want_table = bool(needs[1]) and bias_table is not None
@@ -87,7 +87,7 @@ def backward_in_place(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, wi
     want_logit = bool(needs[3]) and logit_scale is not None
     dtable, dpad, dlogit = torch.ops.vitkern_cpu.window_attention_bwd_(
         dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
-        shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit)
+        shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit, bool(pad_on_tokens))
     return (qkv, dtable if want_table else None, dpad if want_pad else None, dlogit if want_logit else None)
 
 
@@ -188,7 +188,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale):
+def _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale, pad_on_tokens):
     """Everything the composition's forward and backward share: q', k', v as attended
     ((B, nW, heads, N, d) in the compute dtype), the additive bias, and the indexing."""
     wh, ww = window_size
@@ -201,7 +201,11 @@ def _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scal
     gather, is_pad, scatter = _window_index(H, W, wh, ww, sh, sw)
     padded = _ref.padded_size(H, W, (wh, ww)) != (H, W)
     pad_mask = is_pad if padded else None
-    rows = _gather_windows(qkv, gather, pad_mask, pad_qkv).to(ct)
+    if pad_on_tokens and pad_qkv is not None:
+        # pad_qkv is the qkv bias: padded slots get it alone, image tokens get it added
+        rows = _gather_windows(qkv, gather, pad_mask, None).to(ct) + pad_qkv.to(ct)
+    else:
+        rows = _gather_windows(qkv, gather, pad_mask, pad_qkv).to(ct)
     nW = rows.shape[1] // N
     q, k, v = rows.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
     factor = None
@@ -221,12 +225,13 @@ def _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scal
 def window_attention_composite(qkv: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
                                bias_table: Optional[Tensor] = None, pad_qkv: Optional[Tensor] = None,
                                scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
-                               return_lse: bool = False):
+                               return_lse: bool = False, pad_on_tokens: bool = False):
     """The op with native PyTorch ops (differentiable by autograd). With ``return_lse`` the
     attention is computed explicitly (no SDPA) and (out, lse) is returned, lse in the C++
-    kernel's layout (B * windows, heads, N)."""
+    kernel's layout (B * windows, heads, N). ``pad_on_tokens``: pad_qkv is the qkv bias, also
+    added to every image token."""
     B, H, W, _ = qkv.shape
-    p = _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale)
+    p = _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale, pad_on_tokens)
     q, k, v, bias = p["q"], p["k"], p["v"], p["bias"]
     if return_lse:
         s = (q * p["scale"]) @ k.transpose(-2, -1)
@@ -254,12 +259,13 @@ def _normalize_backward(x: Tensor, dy: Tensor) -> Tensor:
 
 def composite_backward(dout: Tensor, qkv: Tensor, num_heads: int, window_size: Pair, shift_size: Pair,
                        bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], scale: float,
-                       logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True)):
+                       logit_scale: Optional[Tensor], needs: Sequence[bool] = (True, True, True, True),
+                       pad_on_tokens: bool = False):
     """Gradients of the composition written out with tensor ops (no autograd: the custom op's
     backward runs below the autograd dispatch key). Recomputes the probabilities."""
     B, H, W, C3 = qkv.shape
     wh, ww = window_size
-    p = _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale)
+    p = _prepared(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale, pad_on_tokens)
     q, k, v, bias, ct, N, nW, C = p["q"], p["k"], p["v"], p["bias"], p["ct"], p["N"], p["nW"], p["C"]
     s = (q * p["scale"]) @ k.transpose(-2, -1)
     if bias is not None:
@@ -292,7 +298,9 @@ def composite_backward(dout: Tensor, qkv: Tensor, num_heads: int, window_size: P
         dk = _normalize_backward(raw_k, dk)
     drows = torch.stack((dq, dk, dv)).permute(1, 2, 4, 0, 3, 5).reshape(B, nW * N, C3)
     dpad = None
-    if pad_qkv is not None and needs[2]:
+    if pad_qkv is not None and needs[2] and pad_on_tokens:
+        dpad = drows.sum(dim=(0, 1)).to(pad_qkv.dtype)  # every slot carries the bias
+    elif pad_qkv is not None and needs[2]:
         if p["pad_mask"] is not None:
             weight = p["pad_mask"].to(device=qkv.device, dtype=ct).view(1, -1, 1)
             dpad = (drows * weight).sum(dim=(0, 1))

@@ -52,7 +52,7 @@ def _pair(value, name: str) -> Tuple[int, int]:
 
 
 def _validate(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale,
-              deterministic) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+              deterministic, pad_name: str = "pad_qkv") -> Tuple[Tuple[int, int], Tuple[int, int]]:
     check_tensor(OP, "qkv", qkv, 4)
     check_dtype(OP, "qkv", qkv, CPU_DTYPES)
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral):
@@ -81,10 +81,10 @@ def _validate(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scal
                              f"got {tuple(bias_table.shape)}")
         named["bias_table"] = bias_table
     if pad_qkv is not None:
-        check_tensor(OP, "pad_qkv", pad_qkv, 1)
+        check_tensor(OP, pad_name, pad_qkv, 1)
         if pad_qkv.shape[0] != C3:
-            raise ValueError(f"{OP}: pad_qkv must have shape (3*C,) = ({C3},), got {tuple(pad_qkv.shape)}")
-        named["pad_qkv"] = pad_qkv
+            raise ValueError(f"{OP}: {pad_name} must have shape (3*C,) = ({C3},), got {tuple(pad_qkv.shape)}")
+        named[pad_name] = pad_qkv
     if logit_scale is not None:
         check_tensor(OP, "logit_scale", logit_scale, (1, 3))
         if logit_scale.numel() != num_heads or logit_scale.shape[0] != num_heads:
@@ -121,19 +121,21 @@ def _empty(like: Tensor) -> Tensor:
 
 def _fwd_impl(qkv: Tensor, bias_table: Optional[Tensor], pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor],
               num_heads: int, window_size: List[int], shift_size: List[int], scale: float, backend: str,
-              deterministic: bool, allow_tf32: bool, qkv_grad_in_place: bool) -> Tuple[Tensor, Tensor]:
+              deterministic: bool, allow_tf32: bool, qkv_grad_in_place: bool,
+              pad_on_tokens: bool) -> Tuple[Tensor, Tensor]:
     """(out (B, H, W, C), lse); lse's layout is the backend's own. ``deterministic`` and
     ``qkv_grad_in_place`` only matter to the backward (they are arguments here so the autograd
-    context keeps them)."""
+    context keeps them). ``pad_on_tokens`` (CPU only): pad_qkv is the qkv bias, added to every
+    token inside the op."""
     win, shift = tuple(window_size), tuple(shift_size)
     if backend == "triton":
         from ..ops import window_attention as _triton
         return _triton.window_attention_forward(qkv, num_heads, win, shift, bias_table, pad_qkv, scale,
                                                 logit_scale, allow_tf32)
     if _cpu.has_kernel():
-        return _cpu.forward(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale)
+        return _cpu.forward(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale, pad_on_tokens)
     return _cpu.window_attention_composite(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale,
-                                           return_lse=True)
+                                           return_lse=True, pad_on_tokens=pad_on_tokens)
 
 
 _window_attention_fwd = torch.library.custom_op("vitkern::window_attention_fwd", mutates_args=())(_fwd_impl)
@@ -141,7 +143,7 @@ _window_attention_fwd = torch.library.custom_op("vitkern::window_attention_fwd",
 
 @_window_attention_fwd.register_fake
 def _(qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, backend, deterministic,
-      allow_tf32, qkv_grad_in_place):
+      allow_tf32, qkv_grad_in_place, pad_on_tokens):
     B, H, W, C3 = qkv.shape
     out = qkv.new_empty((B, H, W, C3 // 3))
     if backend == "triton":
@@ -153,7 +155,7 @@ def _(qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size,
 def _bwd_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias_table: Optional[Tensor],
               pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor], num_heads: int, window_size: List[int],
               shift_size: List[int], scale: float, backend: str, deterministic: bool, needs: List[bool],
-              allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+              allow_tf32: bool, pad_on_tokens: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dqkv, dbias_table, dpad_qkv, dlogit_scale); an empty tensor stands for "no gradient"."""
     win, shift = tuple(window_size), tuple(shift_size)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -163,10 +165,11 @@ def _bwd_impl(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias_table: O
                                                   scale, logit_scale, deterministic, tuple(needs), allow_tf32)
     elif _cpu.has_kernel():
         # the C++ reductions are always in a fixed order: deterministic either way
-        grads = _cpu.backward(dout, qkv, lse, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale, needs)
+        grads = _cpu.backward(dout, qkv, lse, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale, needs,
+                              pad_on_tokens)
     else:
         grads = _cpu.composite_backward(dout, qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale,
-                                        needs)
+                                        needs, pad_on_tokens)
     dqkv = grads[0] if grads[0] is not None else torch.zeros_like(qkv)
     return (dqkv, *[g if g is not None else _empty(qkv) for g in grads[1:]])
 
@@ -176,7 +179,7 @@ _window_attention_bwd = torch.library.custom_op("vitkern::window_attention_bwd",
 
 @_window_attention_bwd.register_fake
 def _(dout, qkv, out, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, backend,
-      deterministic, needs, allow_tf32):
+      deterministic, needs, allow_tf32, pad_on_tokens):
     def grad_like(t, i):
         return torch.empty_like(t) if (t is not None and needs[i]) else _empty(qkv)
     return torch.empty_like(qkv), grad_like(bias_table, 1), grad_like(pad_qkv, 2), grad_like(logit_scale, 3)
@@ -186,17 +189,18 @@ def _(dout, qkv, out, lse, bias_table, pad_qkv, logit_scale, num_heads, window_s
 def _window_attention_bwd_in_place(dout: Tensor, qkv: Tensor, lse: Tensor, bias_table: Optional[Tensor],
                                    pad_qkv: Optional[Tensor], logit_scale: Optional[Tensor], num_heads: int,
                                    window_size: List[int], shift_size: List[int], scale: float,
-                                   needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                                   needs: List[bool], pad_on_tokens: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The C++ backward writing dqkv over ``qkv``; returns (dbias_table, dpad_qkv, dlogit_scale)
     with empty tensors for "no gradient"."""
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     grads = _cpu.backward_in_place(dout, qkv, lse, num_heads, tuple(window_size), tuple(shift_size), bias_table,
-                                   pad_qkv, scale, logit_scale, needs)
+                                   pad_qkv, scale, logit_scale, needs, pad_on_tokens)
     return tuple(g if g is not None else _empty(qkv) for g in grads[1:])
 
 
 @_window_attention_bwd_in_place.register_fake
-def _(dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, needs):
+def _(dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, needs,
+      pad_on_tokens):
     def grad_like(t, i):
         return torch.empty_like(t) if (t is not None and needs[i]) else _empty(qkv)
     return grad_like(bias_table, 1), grad_like(pad_qkv, 2), grad_like(logit_scale, 3)
@@ -204,31 +208,33 @@ def _(dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, 
 
 def _setup_context(ctx, inputs, output):
     (qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, backend, deterministic,
-     allow_tf32, qkv_grad_in_place) = inputs
+     allow_tf32, qkv_grad_in_place, pad_on_tokens) = inputs
     out, lse = output
     # only the Triton backward reads the forward output (its row statistics come from it)
     ctx.save_for_backward(qkv, out if backend == "triton" else None, lse, bias_table, pad_qkv, logit_scale)
-    ctx.config = (num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32, qkv_grad_in_place)
+    ctx.config = (num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32, qkv_grad_in_place,
+                  pad_on_tokens)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, bias_table, pad_qkv, logit_scale = ctx.saved_tensors
-    num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32, in_place = ctx.config
+    num_heads, window_size, shift_size, scale, backend, deterministic, allow_tf32, in_place, on_tokens = ctx.config
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     if in_place and needs[0] and backend == "cpu" and _cpu.has_kernel() and qkv.is_contiguous():
         dtable, dpad, dlogit = _window_attention_bwd_in_place(
-            dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, needs)
+            dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size, shift_size, scale, needs,
+            on_tokens)
         dqkv = qkv
     else:
         dqkv, dtable, dpad, dlogit = _window_attention_bwd(
             dout, qkv, out if out is not None else qkv.new_empty((0,)), lse, bias_table, pad_qkv, logit_scale,
-            num_heads, window_size, shift_size, scale, backend, deterministic, needs, allow_tf32)
+            num_heads, window_size, shift_size, scale, backend, deterministic, needs, allow_tf32, on_tokens)
 
     def grad(t, g, i):
         return g if (t is not None and needs[i]) else None
     return (dqkv if needs[0] else None, grad(bias_table, dtable, 1), grad(pad_qkv, dpad, 2),
-            grad(logit_scale, dlogit, 3), None, None, None, None, None, None, None, None)
+            grad(logit_scale, dlogit, 3), None, None, None, None, None, None, None, None, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -245,7 +251,7 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_
                      bias_table: Optional[Tensor] = None, pad_qkv: Optional[Tensor] = None,
                      scale: Optional[float] = None, logit_scale: Optional[Tensor] = None,
                      deterministic: bool = False, backend: str = "auto", allow_tf32: bool = False,
-                     qkv_grad_in_place: bool = False) -> Tensor:
+                     qkv_grad_in_place: bool = False, qkv_bias: Optional[Tensor] = None) -> Tensor:
     """Swin shifted-window attention from the image-layout qkv projection.
 
     Args:
@@ -267,6 +273,9 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_
             kernel is always reproducible).
         backend: "auto" | "triton" | "cpu" | "reference".
         allow_tf32: Triton only: fp32 inputs may use tf32 tensor-core dots.
+        qkv_bias: (3C,) the qkv Linear's bias when ``qkv`` was computed WITHOUT it: the op adds
+            it to every token's q/k/v row as it reads them (saving the Linear's broadcast pass
+            over the whole image) and uses it for the padded tokens. Excludes ``pad_qkv``.
         qkv_grad_in_place: C++ CPU kernel only: the backward writes qkv's gradient over qkv's
             own storage, saving one qkv-sized buffer at the peak of the backward. Only for a qkv
             nothing reads after the backward (a block's internal qkv projection); ignored for a
@@ -275,24 +284,36 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_
     Returns:
         (B, H, W, C) in image layout, head-major channels, ready for the proj Linear.
     """
-    win, shift = _validate(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, scale, logit_scale,
-                           deterministic)
+    if qkv_bias is not None:
+        if pad_qkv is not None:
+            raise ValueError(f"{OP}: pass either qkv_bias (a bias the op adds to every token, padded ones "
+                             "included) or pad_qkv (the padded tokens' qkv), not both")
+    pad = qkv_bias if qkv_bias is not None else pad_qkv
+    win, shift = _validate(qkv, num_heads, window_size, shift_size, bias_table, pad, scale, logit_scale,
+                           deterministic, "qkv_bias" if qkv_bias is not None else "pad_qkv")
     for name, flag in (("allow_tf32", allow_tf32), ("qkv_grad_in_place", qkv_grad_in_place)):
         if not isinstance(flag, bool):
             raise TypeError(f"{OP}: {name} must be a bool, got {type(flag).__name__}")
-    chosen = _pick_backend(backend, qkv, num_heads, win, shift, bias_table, pad_qkv, logit_scale)
+    chosen = _pick_backend(backend, qkv, num_heads, win, shift, bias_table, pad, logit_scale)
     head_dim = qkv.shape[-1] // 3 // num_heads
     scale = float(head_dim ** -0.5 if scale is None else scale)
+    on_tokens = qkv_bias is not None
+    if on_tokens and chosen != "cpu":
+        # the Triton kernels and the reference take the biased qkv; the padded tokens get the bias
+        qkv, pad_qkv, on_tokens = qkv + qkv_bias, qkv_bias, False
+    elif on_tokens:
+        pad_qkv = qkv_bias
     if chosen == "reference":
         return _ref.window_attention_from_qkv(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     if chosen == "cpu" and not _cpu.has_kernel():
         # without the extension the composition runs under autograd directly (no recompute)
-        return _cpu.window_attention_composite(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale)
+        return _cpu.window_attention_composite(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale,
+                                               pad_on_tokens=on_tokens)
     in_place = qkv_grad_in_place and qkv.grad_fn is not None  # never overwrite a leaf
     args = (qkv, bias_table, pad_qkv, logit_scale, num_heads, list(win), list(shift), scale, chosen,
-            deterministic, allow_tf32, in_place)
+            deterministic, allow_tf32, in_place, on_tokens)
     if not torch.compiler.is_compiling() and not _needs_autograd(qkv, bias_table, pad_qkv, logit_scale):
         # inference: skip the custom-op dispatch (tens of microseconds per call)
         return _fwd_impl(*args)[0]

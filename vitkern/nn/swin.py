@@ -3,9 +3,10 @@
 - :class:`WindowAttention`: timm's ``swin_transformer.WindowAttention``; ``forward(x, mask)`` on
   already partitioned windows (B*nW, N, C), for code that calls it directly.
 - :class:`SwinTransformerBlock`: timm's block; ``forward(x)`` on (B, H, W, C). Its attention path
-  is norm1 -> the qkv Linear on the whole image -> ONE fused op
-  (:func:`vitkern.functional.window_attention`: shift, pad, partition, bias, mask, softmax, @ v,
-  reverse, crop, shift back) -> proj. No rolled, padded or partitioned copies of the image.
+  is norm1 -> the qkv matmul on the whole image -> ONE fused op
+  (:func:`vitkern.functional.window_attention`: qkv bias, shift, pad, partition, relative bias,
+  mask, softmax, @ v, reverse, crop, shift back) -> proj. The backward writes the qkv gradient
+  over the (internal) qkv tensor. No rolled, padded or partitioned copies of the image.
 
 Both take one extra keyword, ``backend`` ("auto" | "triton" | "cpu" | "reference"), passed to the
 op. Attention dropout (``attn_drop > 0`` in training) is not fused: the block then runs timm's
@@ -262,9 +263,10 @@ class SwinTransformerBlock(_WindowBlockMixin, nn.Module):
         if self._dropout_in_attention():
             return self._partitioned_attn(x)
         a = self.attn
-        qkv = F.linear(x, a.qkv.weight, a.qkv.bias)
+        # the qkv bias is added inside the op as it reads each row (no broadcast pass here)
+        qkv = F.linear(x, a.qkv.weight)
         out = window_attention(qkv, a.num_heads, self.window_size, self.shift_size,
-                               bias_table=_as(a.relative_position_bias_table, qkv), pad_qkv=_as(a.qkv.bias, qkv),
+                               bias_table=_as(a.relative_position_bias_table, qkv), qkv_bias=_as(a.qkv.bias, qkv),
                                scale=a.scale, backend=self.backend, qkv_grad_in_place=True)
         return a.proj_drop(a.proj(out))
 

@@ -116,10 +116,9 @@ class SwinTransformerV2Block(_WindowBlockMixin, nn.Module):
         if self._dropout_in_attention():
             return self._partitioned_attn(x)
         a = self.attn
-        bias = a.qkv_bias()
-        qkv = F.linear(x, a.qkv.weight, bias)
+        qkv = F.linear(x, a.qkv.weight)  # cat(q_bias, 0, v_bias) is added inside the op
         out = window_attention(qkv, a.num_heads, self.window_size, self.shift_size,
-                               bias_table=_as(a.bias_table(), qkv), pad_qkv=_as(bias, qkv),
+                               bias_table=_as(a.bias_table(), qkv), qkv_bias=_as(a.qkv_bias(), qkv),
                                logit_scale=_as(a.logit_scale, qkv), backend=self.backend,
                                qkv_grad_in_place=True)
         return a.proj_drop(a.proj(out))
