@@ -177,3 +177,41 @@ def test_attention_dropout_uses_partitioned_path():
     assert not torch.allclose(a, b)  # dropout is active
     ours.eval()
     assert_close(ours(x), theirs(x), tol=1e-10)  # and off in eval
+
+
+def test_without_extension_in_a_fresh_process():
+    """VITKERN_DISABLE_EXT=1: the op and the blocks run on the native composition and still
+    match timm / the reference (forward and gradients)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import torch
+        from timm.models.swin_transformer import SwinTransformerBlock as T
+        import vitkern
+        from vitkern import _backend
+        from vitkern.cpu import window_attention as cw
+        from vitkern.nn import SwinTransformerBlock
+        from vitkern.reference import swin as R
+        assert not _backend.extension_loaded() and not cw.has_kernel()
+        torch.manual_seed(0)
+        qkv = torch.randn(2, 9, 11, 48, dtype=torch.float64, requires_grad=True)
+        table = torch.randn(49, 2, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(48, dtype=torch.float64, requires_grad=True)
+        out = vitkern.window_attention(qkv, 2, 4, 2, table, qkv_bias=bias)
+        ref = R.window_attention_from_qkv(qkv + bias, 2, 4, 2, table, bias)
+        g = torch.autograd.grad(out.square().sum(), [qkv, table, bias])
+        gr = torch.autograd.grad(ref.square().sum(), [qkv, table, bias])
+        assert (out - ref).abs().max() < 1e-12
+        assert all((a - b).abs().max() < 1e-12 for a, b in zip(g, gr))
+        t = T(16, (9, 11), num_heads=2, window_size=4, shift_size=2).double()
+        v = SwinTransformerBlock(16, (9, 11), num_heads=2, window_size=4, shift_size=2).double()
+        v.load_state_dict(t.state_dict())
+        x = torch.randn(1, 9, 11, 16, dtype=torch.float64)
+        assert (v(x) - t(x)).abs().max() < 1e-12
+        print("ok")
+    """)
+    env = dict(os.environ, VITKERN_DISABLE_EXT="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
