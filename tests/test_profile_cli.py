@@ -61,3 +61,21 @@ def test_profile_errors_and_no_gpu(capsys):
     if not torch.cuda.is_available():
         assert profile_cli.main(TINY + ["--device", "cuda"]) == 0
         assert "skipped" in capsys.readouterr().out
+
+
+def test_launch_config_listing_reads_autotuner_caches(monkeypatch):
+    # No GPU here, so no autotuner has run: plant one shaped like triton's Autotuner (a kernel
+    # factory's cache dict holding it) and check the listing finds it and prints its choice.
+    import vitkern.ops.performer as mod
+
+    class FakeTuner:
+        configs = ["a", "b"]
+        cache = {(64, 64, 32, "torch.float16"): "BLOCK_T: 64, num_warps: 4, num_stages: 3"}
+
+        def fn(self):
+            pass
+    FakeTuner.fn.__name__ = "performer_fwd_kernel"
+    monkeypatch.setattr(mod, "_planted_kernels", {"fp16": FakeTuner()}, raising=False)
+    lines = profile_cli.triton_launch_configs()
+    assert any("vitkern.ops.performer" in ln and "BLOCK_T: 64, num_warps: 4" in ln and "(64, 64, 32" in ln
+               for ln in lines), lines

@@ -220,23 +220,41 @@ def format_top(title: str, rows, steps: int) -> List[str]:
     return lines
 
 
+def _autotuners(obj, depth: int = 0):
+    """Autotuner objects in ``obj`` (a module attribute, or one level into dicts/lists of them,
+    where kernel factories cache what they built)."""
+    if hasattr(obj, "configs") and isinstance(getattr(obj, "cache", None), dict):
+        yield obj
+    elif depth == 0 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _autotuners(v, 1)
+    elif depth == 0 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _autotuners(v, 1)
+
+
 def triton_launch_configs() -> List[str]:
     """vitkern's autotuned Triton kernels and the config each chose, per tuning key (best-effort:
-    reads the autotuners' caches after the run)."""
+    reads the autotuners' caches in every ``vitkern.ops`` module after the run)."""
     import importlib
-    lines = []
-    for modname in ("vitkern.ops.attention", "vitkern.ops.attention_fwd", "vitkern.ops.attention_bwd",
-                    "vitkern.ops.window_attention", "vitkern.ops.window_attention_kernels", "vitkern.ops.performer"):
+    import pkgutil
+
+    import vitkern.ops as ops
+
+    lines, seen = [], set()
+    for info in pkgutil.iter_modules(ops.__path__, ops.__name__ + "."):
         try:
-            mod = importlib.import_module(modname)
+            mod = importlib.import_module(info.name)
         except Exception:
             continue
         for attr, obj in sorted(vars(mod).items()):
-            cache = getattr(obj, "cache", None)
-            if not isinstance(cache, dict) or not hasattr(obj, "configs"):
-                continue
-            for key, cfg in cache.items():
-                lines.append(f"  {modname}.{attr} key={key}: {cfg}")
+            for tuner in _autotuners(obj):
+                if id(tuner) in seen:
+                    continue
+                seen.add(id(tuner))
+                name = getattr(getattr(tuner, "fn", None), "__name__", attr)
+                for key, cfg in tuner.cache.items():
+                    lines.append(f"  {info.name}.{name} key={key}: {cfg}")
     return lines or ["  (no autotuned vitkern kernel ran, or the autotuners expose no cache)"]
 
 
