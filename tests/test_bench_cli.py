@@ -185,3 +185,17 @@ def test_op_level_backward_peers_compute_the_same_function():
     cr = next(cr for cr in run.cases if cr.case.op == "window")
     r = ran[("window", "sdpa")]
     assert math.isclose(r.gbs * r.timing.median_ms / 1e3 * 1e9, cr.cost.fused.fwdbwd.bytes, rel_tol=1e-9)
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
+    import builtins
+    from vitkern.benchmarking import plot
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(plot.PlotUnavailable, match=r"--plot needs matplotlib \(pip install"):
+        plot.plot_run(object(), "unused.png")
