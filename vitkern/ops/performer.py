@@ -58,9 +58,10 @@ so the logits carry nearly fp32 accuracy (the exponent amplifies logit errors: a
 logit is ~10^2 and a bf16 projection alone would move it by ~0.5). ``r`` and ``dKhat`` are
 differences of nearly equal terms for peaked feature maps, so their operands (``KVn``, ``G``)
 are split the same way, ``delta`` is formed from the same ``r`` and ``g`` from the same rounded
-``omega`` as ``G``. Every other half-precision ``tl.dot`` operand is scaled to [-1, 1] first
-(per row, or by its maximum) so nothing overflows or flushes to zero. fp32 inputs use ieee fp32
-dots throughout (no tf32: logit errors go through ``exp``).
+``omega`` as ``G``. Every other half-precision ``tl.dot`` operand is in [0, 1] by construction
+or scaled to [-1, 1] first (per row, or by its maximum) so nothing overflows or flushes to zero.
+fp32 inputs run every product as ``bf16x6`` on tensor cores (fp32 accuracy; ieee FMA dots spill
+at these tiles); tf32 is not offered: logit errors go through ``exp``.
 
 Kernels: :func:`_key_partial_kernel`, :func:`_key_combine_kernel`, :func:`_query_fwd_kernel`,
 :func:`_query_bwd_kernel`, :func:`_query_sums_kernel`, :func:`_key_bwd_kernel`.
@@ -69,7 +70,13 @@ Launchers: :func:`performer_forward`, :func:`performer_backward`; differentiable
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -88,33 +95,50 @@ STATS_ROWS = 5  # alpha, beta, mu, nu, gamma (see _key_combine_kernel)
 # ---------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
-# (BLOCK_N, num_warps, num_stages) per (operand kind, BLOCK_M = padded feature count). The
-# per-row tiles are BLOCK_N x BLOCK_M fp32 (several live at once in the backward), so wide
-# feature maps take short row blocks. The first entry is the default; every entry is compiled
-# for sm_80 and sm_90 by the AOT test (docs/compile_report_performer.txt) and must not spill.
+# (BLOCK_N, num_warps, num_stages) per kernel and (operand kind, BLOCK_M = padded feature count).
+# The per-row tiles are BLOCK_N x BLOCK_M fp32 and the m-long operands of the feature products
+# are replicated across the warps that split a row block, so wide feature maps take short row
+# blocks and more warps. The first entry is the default; every entry is compiled for sm_80 and
+# sm_90 by the AOT test (docs/compile_report_performer.txt). BLOCK_M = 16 uses the 32 entries
+# and 64 the 128 ones (narrower tiles than the ones verified).
+_HALF_NARROW = [(64, 4, 2), (128, 8, 2), (32, 4, 2)]
+_HALF_WIDE = [(32, 4, 1), (16, 4, 1), (32, 8, 1)]
+_HALF_WIDEST = [(16, 8, 1), (32, 8, 1)]
+_FP32_NARROW = [(32, 4, 1), (16, 4, 1), (32, 8, 1)]
+_FP32_WIDE = [(16, 4, 1), (16, 8, 1)]
+_COMMON = {("half", 32): _HALF_NARROW, ("half", 128): _HALF_WIDE, ("half", 256): _HALF_WIDEST,
+           ("fp32", 32): _FP32_NARROW, ("fp32", 128): _FP32_WIDE, ("fp32", 256): [(16, 8, 1)]}
 CONFIGS = {
-    ("half", 16): [(64, 4, 2), (128, 4, 2), (128, 8, 3)],
-    ("half", 32): [(64, 4, 2), (128, 8, 2), (32, 4, 3)],
-    ("half", 64): [(64, 4, 2), (128, 8, 2), (32, 4, 3)],
-    ("half", 128): [(32, 4, 2), (64, 8, 2)],
-    ("half", 256): [(32, 8, 1), (16, 4, 1)],
-    ("fp32", 16): [(64, 4, 2), (32, 4, 2)],
-    ("fp32", 32): [(64, 4, 2), (32, 4, 2)],
-    ("fp32", 64): [(32, 4, 2), (64, 8, 2)],
-    ("fp32", 128): [(32, 8, 1), (16, 4, 1)],
-    ("fp32", 256): [(16, 8, 1), (32, 8, 1)],
+    "_key_partial_kernel": {**_COMMON, ("fp32", 32): [(16, 4, 1)]},
+    "_query_fwd_kernel": dict(_COMMON),
+    "_query_bwd_kernel": dict(_COMMON),
+    "_query_sums_kernel": {**_COMMON, ("fp32", 32): [(16, 4, 1)]},
+    "_key_bwd_kernel": {**_COMMON, ("half", 128): [(16, 4, 1), (16, 8, 1)],
+                        ("half", 256): [(16, 8, 1)], ("fp32", 128): [(16, 8, 1)]},
 }
+# fp32 with m > 128: the bf16x6 operands of the m-long products are too large for the register
+# file even at (16, 8): these configs spill (see the compile report); they run correctly, slower.
+KNOWN_SPILLING = {("_query_fwd_kernel", "fp32", 256), ("_query_bwd_kernel", "fp32", 256),
+                  ("_key_bwd_kernel", "fp32", 256)}
+
+
+def configs_for(kernel_name: str, dtype: torch.dtype, block_m: int):
+    table = CONFIGS[kernel_name]
+    bucket = {16: 32, 32: 32, 64: 128, 128: 128, 256: 256}[block_m]
+    return table[(operand_kind(dtype), bucket)]
+
+
 # Column tiles: d is looped in BLOCK_DK chunks and d_v in BLOCK_DC chunks wherever a row block
 # is computed (narrow chunks keep few registers live); BLOCK_DV is the d_v tile of the kernels
 # whose m x d_v accumulator lives across row blocks (a grid dimension). Wider feature maps take
 # narrower accumulator tiles.
 BLOCK_DK_MAX = 32
+BLOCK_DC_MAX = 32
+BLOCK_DV_MAX = {16: 128, 32: 64, 64: 64, 128: 32, 256: 32}
 # fp32 inputs: every product is 6 bf16 tensor-core products (a 3-way bf16 split of each operand
 # carries all 24 mantissa bits; the three dropped cross terms are below 2^-24 relative): fp32
 # accuracy without the FMA path's register pressure.
 FP32_DOT_PRECISION = "bf16x6"
-BLOCK_DC_MAX = 32
-BLOCK_DV_MAX = {16: 128, 32: 64, 64: 64, 128: 32, 256: 32}
 
 # Under TRITON_INTERPRET=1 there is nothing to tune and every program costs numpy calls: one
 # fixed tile, large enough to be fast, small enough that test shapes cross block boundaries.
@@ -127,12 +151,13 @@ def operand_kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, interpreter: Optional[bool] = None) -> str:
     """``input_precision`` of every ``tl.dot``. For fp32 inputs an ieee (FMA) dot holds whole
     operand rows per thread and spills at these tile shapes (an m-wide operand); bf16x6 runs
     them on tensor cores at fp32 accuracy instead. Half precision operands ignore the setting
     (plain mma with fp32 accumulation)."""
-    if dtype != torch.float32 or interpreter_on():
+    interpreter = interpreter_on() if interpreter is None else interpreter
+    if dtype != torch.float32 or interpreter:
         return "ieee"  # the interpreter accepts only tf32/tf32x3/ieee and multiplies in numpy
     return FP32_DOT_PRECISION
 
@@ -142,9 +167,12 @@ def block_for(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def tile_sizes(d: int, dv: int, m: int) -> Dict[str, int]:
+def tile_sizes(d: int, dv: int, m: int, interpreter: Optional[bool] = None) -> Dict[str, int]:
+    """Constexpr tile sizes for (d, d_v, m): the GPU ones, or wider column chunks under the
+    interpreter (``interpreter=None``: whichever is running)."""
     block_m = block_for(m)
-    cols = INTERPRETER_COLUMNS if interpreter_on() else None
+    interpreter = interpreter_on() if interpreter is None else interpreter
+    cols = INTERPRETER_COLUMNS if interpreter else None
     return {"BLOCK_M": block_m, "BLOCK_DK": min(block_for(d), cols or BLOCK_DK_MAX),
             "BLOCK_DV": min(block_for(dv), BLOCK_DV_MAX[block_m]),
             "BLOCK_DC": min(block_for(dv), cols or BLOCK_DC_MAX)}
@@ -158,19 +186,19 @@ def blocks_for(kernel, blocks: Dict[str, int]) -> Dict[str, int]:
     return {k: v for k, v in blocks.items() if k in fn.arg_names}
 
 
-def _configs():
+def _configs(kernel_name: str):
     seen, out = set(), []
-    for entries in CONFIGS.values():
-        for bn, w, s in entries:
-            if (bn, w, s) not in seen:
-                seen.add((bn, w, s))
-                out.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s))
+    for entries in CONFIGS[kernel_name].values():
+        for bn, w, st in entries:
+            if (bn, w, st) not in seen:
+                seen.add((bn, w, st))
+                out.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st))
     return out
 
 
-def _prune(x_arg: str):
+def _prune(kernel_name: str, x_arg: str):
     def prune(configs, named_args, **kwargs):
-        want = set(CONFIGS[(operand_kind(named_args[x_arg].dtype), kwargs["BLOCK_M"])])
+        want = set(configs_for(kernel_name, named_args[x_arg].dtype, kwargs["BLOCK_M"]))
         kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return kept or configs[:1]
     return prune
@@ -180,8 +208,9 @@ def _tuned(kernel, x_arg: str):
     """Autotuned wrapper on a GPU (BLOCK_N, warps, stages); the raw kernel under the interpreter."""
     if interpreter_on():
         return kernel
-    return triton.autotune(configs=_configs(), key=["D", "DV", "M"],
-                           prune_configs_by={"early_config_prune": _prune(x_arg)})(kernel)
+    name = kernel.__name__
+    return triton.autotune(configs=_configs(name), key=["D", "DV", "M"],
+                           prune_configs_by={"early_config_prune": _prune(name, x_arg)})(kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,14 +221,15 @@ def _feature_logits(X, x_base, stride_xn, offs_n, n_mask, WH, WL, D, M,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
                     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The two parts of the logits ``x W^T - |x|^2 / 2`` of a block of rows:
-    ``(x W^T`` (BLOCK_N, BLOCK_M) fp32, ``|x|^2 / 2`` (BLOCK_N,) fp32``).
+    ``x W^T`` (BLOCK_N, BLOCK_M) fp32 and ``|x|^2 / 2`` (BLOCK_N,) fp32.
 
     They are returned apart because on the query side ``|x|^2/2`` is a per-row constant that
     cancels in the row normalisation; subtracting it first would round the logits at the scale
-    of ``|x|^2`` (1e-5 absolute at |x| = 30 in fp32). ``x`` rows are read at ``X + x_base + row * stride_xn`` (last dim contiguous), ``d`` is looped
-    in BLOCK_DK chunks. ``WH``/``WL``: the projection (m, d) contiguous in the operand dtype, as a
-    high and (SPLIT) low part. Rows outside ``n_mask`` load as zeros; padded features (>= M)
-    come out as 0 and are masked by the callers.
+    of ``|x|^2`` (1e-5 absolute at |x| = 30 in fp32). ``x`` rows are read at
+    ``X + x_base + row * stride_xn`` (last dim contiguous), ``d`` is looped in BLOCK_DK chunks.
+    ``WH``/``WL``: the projection (m, d) contiguous in the operand dtype, as a high and (SPLIT)
+    low part. Rows outside ``n_mask`` load as zeros; padded features (>= M) come out as 0 and
+    are masked by the callers.
     """
     offs_f = tl.arange(0, BLOCK_M)
     rows = offs_n.to(tl.int64) * stride_xn
@@ -212,7 +242,8 @@ def _feature_logits(X, x_base, stride_xn, offs_n, n_mask, WH, WL, D, M,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         w_offs = offs_f[None, :] * D + offs_d[:, None]          # W^T tile: (BLOCK_DK, BLOCK_M)
         w_mask = (offs_f[None, :] < M) & d_mask[:, None]
-        acc = tl.dot(x, tl.load(WH + w_offs, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, tl.load(WH + w_offs, mask=w_mask, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
         if SPLIT:
             acc = tl.dot(x, tl.load(WL + w_offs, mask=w_mask, other=0.0), acc,
                          input_precision=DOT_PRECISION)
@@ -748,7 +779,8 @@ def supports(q, k, v, projection) -> Optional[str]:
                 f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     d, dv, m = q.shape[-1], v.shape[-1], projection.shape[0]
     if k.shape[-1] != d or projection.shape[1] != d:
-        return f"q, k and projection must share d; got {q.shape[-1]}, {k.shape[-1]}, {projection.shape[1]}"
+        return (f"q, k and projection must share d; got {q.shape[-1]}, {k.shape[-1]}, "
+                f"{projection.shape[1]}")
     for name, n in (("head dim d", d), ("value dim d_v", dv), ("feature count m", m)):
         if not 1 <= n <= MAX_DIM:
             return f"{name} = {n} is outside the kernels' range 1..{MAX_DIM}"
@@ -801,8 +833,8 @@ def _launch_opts() -> dict:
 
 
 def performer_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
-                      eps: float = 1e-8, feature_eps: float = 0.0, out: Optional[torch.Tensor] = None,
-                      keys_per_chunk: Optional[int] = None
+                      eps: float = 1e-8, feature_eps: float = 0.0,
+                      out: Optional[torch.Tensor] = None, keys_per_chunk: Optional[int] = None
                       ) -> Tuple[torch.Tensor, KeySummary]:
     """Raw forward launcher (no autograd).
 
@@ -939,7 +971,10 @@ class _PerformerAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, projection, eps, feature_eps):
         single_head = q.dim() == 3
         q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
-        out, summary = performer_forward(q4, k4, v4, projection, eps, feature_eps)
+        # (B, N, H, d_v) storage: the head merge before the output projection is a free view.
+        B, H, N = q4.shape[:3]
+        buf = q4.new_empty((B, N, H, v4.shape[-1])).transpose(1, 2)
+        out, summary = performer_forward(q4, k4, v4, projection, eps, feature_eps, out=buf)
         ctx.save_for_backward(q4, k4, v4, projection, summary.kvn, summary.stats)
         ctx.eps = eps
         ctx.feature_eps = feature_eps
@@ -964,7 +999,9 @@ def performer_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                feature_eps: float = 0.0) -> torch.Tensor:
     """Performer attention on the Triton kernels, differentiable in q, k, v (and ``projection``
     when it requires grad). q, k: (B, H, N, d) or (B, N, d); v: (B, H, N, d_v) / (B, N, d_v);
-    projection: (m, d). Output in q's dtype and q's form (3-D or 4-D). See the module doc."""
+    projection: (m, d). Output in q's dtype and q's form (3-D or 4-D); a 4-D output is stored as
+    (B, N, H, d_v), so ``out.transpose(1, 2).reshape(B, N, H * d_v)`` is free. See the module
+    doc."""
     reason = supports(q, k, v, projection)
     if reason is not None:
         raise ValueError(f"performer_attention (triton): {reason}")
@@ -1027,21 +1064,20 @@ def aot_specs(shapes=AOT_SHAPES) -> List["KernelSpec"]:  # noqa: F821
         _AOT_SIZES[label] = size
 
     for dtype in KERNEL_DTYPES:
-        kind = operand_kind(dtype)
         for d, dv, m in shapes:
-            blocks = tile_sizes(d, dv, m)
+            blocks = tile_sizes(d, dv, m, interpreter=False)
             for kernel in tuned:
                 flags = {k: v for k, v in _ALL_FLAGS.items() if k in kernel.arg_names}
-                for bn, warps, stages in CONFIGS[(kind, blocks["BLOCK_M"])]:
+                for bn, warps, stages in configs_for(kernel.__name__, dtype, blocks["BLOCK_M"]):
                     cx = dict(blocks_for(kernel, blocks), BLOCK_N=bn, SPLIT=dtype != torch.float32,
-                              DOT_PRECISION=dot_precision(dtype), **flags)
+                              DOT_PRECISION=dot_precision(dtype, interpreter=False), **flags)
                     add(kernel, dtype, cx, warps, stages,
                         f"{kernel.__name__.strip('_')} {_TRITON_DTYPE[dtype]} d{d} dv{dv} m{m} "
                         f"n{bn} w{warps}s{stages}", (d, dv, m))
             if dtype != torch.bfloat16:
                 cx = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_DV=blocks["BLOCK_DV"], HAS_FE=True)
                 add(_key_combine_kernel, dtype, cx, 4, 1,
-                    f"key_combine_kernel {kind} d{d} dv{dv} m{m} w4s1", (d, dv, m))
+                    f"key_combine_kernel {operand_kind(dtype)} d{d} dv{dv} m{m} w4s1", (d, dv, m))
     return specs
 
 
@@ -1064,7 +1100,6 @@ def launch_attrs(spec) -> Dict[Tuple[int], list]:
 
 
 def _compile_aligned(spec, arch: int):
-    import triton as _triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -1074,11 +1109,10 @@ def _compile_aligned(spec, arch: int):
                 num_stages=spec.num_stages)
     try:
         src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), launch_attrs(spec))
-        compiled = _triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                   options={"num_warps": spec.num_warps,
-                                            "num_stages": spec.num_stages})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": spec.num_warps,
+                                           "num_stages": spec.num_stages})
         ptx = compiled.asm["ptx"]
-        import re
         return CompileReport(**base, **_ptxas_report(ptx, arch),
                              shared_bytes=int(compiled.metadata.shared),
                              uses_mma=bool(re.search(r"\bmma\.sync", ptx)),
@@ -1093,18 +1127,13 @@ def compile_report_aligned(specs=None, archs=(80, 90)):
     """Like :func:`vitkern.aot.compile_report` for this module's specs, but compiled with the
     launch specialisation of aligned inputs (:func:`launch_attrs`). Runs in a subprocess with
     the interpreter off when ``TRITON_INTERPRET=1``."""
-    import dataclasses
-    import json
-    import subprocess
-    import sys
-
     from ..aot import CompileReport
     specs = aot_specs() if specs is None else specs
     if not interpreter_on():
         aot_specs()  # fills the size registry launch_attrs reads
         return [_compile_aligned(s, a) for s in specs for a in archs]
     payload = json.dumps({"labels": [s.label for s in specs], "archs": list(archs)})
-    env = dict(__import__("os").environ, TRITON_INTERPRET="0")
+    env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-m", __name__], input=payload, env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -1113,9 +1142,6 @@ def compile_report_aligned(specs=None, archs=(80, 90)):
 
 
 def _aot_main() -> None:
-    import dataclasses
-    import json
-    import sys
     payload = json.loads(sys.stdin.read())
     by_label = {s.label: s for s in aot_specs()}
     reports = [_compile_aligned(by_label[label], a)
