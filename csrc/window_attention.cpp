@@ -34,7 +34,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(VK_PORTABLE_ONLY)  // VK_PORTABLE_ONLY: build check
 #include <immintrin.h>
 #define VK_HAS_MXCSR 1
 #endif
@@ -738,6 +738,15 @@ inline void backward_items(const Args<S, T>& a, int64_t begin, int64_t end, Part
 // Instruction-set dispatch: the same code compiled per target, chosen at run time
 // ----------------------------------------------------------------------------------------------
 
+template <typename S, typename T>
+__attribute__((flatten)) void forward_base(const Args<S, T>& a, int64_t b, int64_t e) {
+  forward_items<S, T, 16>(a, b, e);
+}
+template <typename S, typename T>
+__attribute__((flatten)) void backward_base(const Args<S, T>& a, int64_t b, int64_t e, Partials<T> p) {
+  backward_items<S, T, 16>(a, b, e, p);
+}
+#ifdef VK_HAS_MXCSR  // x86-64: AVX-512 and AVX2 builds of the same code
 #define VK_AVX512 "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi2"
 
 template <typename S, typename T>
@@ -749,10 +758,6 @@ __attribute__((target("avx2,fma"), flatten)) void forward_avx2(const Args<S, T>&
   forward_items<S, T, 32>(a, b, e);
 }
 template <typename S, typename T>
-__attribute__((flatten)) void forward_base(const Args<S, T>& a, int64_t b, int64_t e) {
-  forward_items<S, T, 16>(a, b, e);
-}
-template <typename S, typename T>
 __attribute__((target(VK_AVX512), flatten)) void backward_avx512(const Args<S, T>& a, int64_t b, int64_t e,
                                                                    Partials<T> p) {
   backward_items<S, T, 64>(a, b, e, p);
@@ -762,10 +767,16 @@ __attribute__((target("avx2,fma"), flatten)) void backward_avx2(const Args<S, T>
                                                                 Partials<T> p) {
   backward_items<S, T, 32>(a, b, e, p);
 }
+#else  // other architectures: the portable 16-byte-vector build only
 template <typename S, typename T>
-__attribute__((flatten)) void backward_base(const Args<S, T>& a, int64_t b, int64_t e, Partials<T> p) {
-  backward_items<S, T, 16>(a, b, e, p);
-}
+void forward_avx512(const Args<S, T>& a, int64_t b, int64_t e) { forward_base<S, T>(a, b, e); }
+template <typename S, typename T>
+void forward_avx2(const Args<S, T>& a, int64_t b, int64_t e) { forward_base<S, T>(a, b, e); }
+template <typename S, typename T>
+void backward_avx512(const Args<S, T>& a, int64_t b, int64_t e, Partials<T> p) { backward_base<S, T>(a, b, e, p); }
+template <typename S, typename T>
+void backward_avx2(const Args<S, T>& a, int64_t b, int64_t e, Partials<T> p) { backward_base<S, T>(a, b, e, p); }
+#endif
 
 // Flush denormals to zero inside the kernels (restored on exit). Probabilities of masked pairs
 // (score - 100) land in the denormal range, and every FMA touching a denormal costs a microcode
@@ -781,6 +792,9 @@ struct DenormalsFlushed {
 enum class Isa { kAvx512, kAvx2, kBase };
 
 Isa detect_isa() {
+#ifndef VK_HAS_MXCSR
+  return Isa::kBase;
+#else
   static const Isa isa = [] {
     const char* force = std::getenv("VITKERN_CPU_ISA");  // "avx512" | "avx2" | "base": testing aid
     __builtin_cpu_init();
@@ -795,6 +809,7 @@ Isa detect_isa() {
     return has512 ? Isa::kAvx512 : (has2 ? Isa::kAvx2 : Isa::kBase);
   }();
   return isa;
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------

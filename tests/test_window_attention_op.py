@@ -204,6 +204,42 @@ def test_table_gradient_is_bitwise_reproducible():
         assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
 
 
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_other_instruction_set_builds(isa):
+    """The AVX2+FMA and baseline (SSE2) builds of the C++ kernel, forced with VITKERN_CPU_ISA in
+    a fresh process, match the reference too (this machine would otherwise run AVX-512)."""
+    if not cpu_wa.has_kernel():
+        pytest.skip("C++ kernel not built (test_cpp_kernel_is_built says why)")
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import torch, vitkern
+        from vitkern.reference import swin as R
+        from vitkern.testing import rel_err
+        torch.manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+            for logit in (None, torch.tensor([0.5, 5.0], dtype=dtype)):
+                qkv = torch.randn(1, 13, 11, 3 * 2 * 24, dtype=dtype, requires_grad=True)
+                table = torch.randn(9 * 11, 2, dtype=dtype, requires_grad=True)
+                bias = torch.randn(3 * 48, dtype=dtype, requires_grad=True)
+                leaves = [qkv, table, bias] + ([logit.requires_grad_()] if logit is not None else [])
+                out = vitkern.window_attention(qkv, 2, (5, 6), (2, 3), table, qkv_bias=bias, logit_scale=logit)
+                ref = R.window_attention_from_qkv((qkv + bias).double(), 2, (5, 6), (2, 3), table.double(),
+                                                  bias.double(), None, None if logit is None else logit.double())
+                dout = torch.randn_like(out)
+                g = torch.autograd.grad(out, leaves, dout)
+                gr = torch.autograd.grad(ref, leaves, dout.double())
+                errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g, gr)]
+                assert max(errs) < tol, (dtype, logit is not None, errs)
+        print("ok")
+    """)
+    env = dict(os.environ, VITKERN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def test_backend_reference_and_auto():
     (qkv, table, pad, _), _ = _inputs(1, 9, 8, 2, 8, 7, "v1", F32)
     ref = R.window_attention_from_qkv(qkv, 2, 7, 3, table, pad)
