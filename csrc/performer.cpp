@@ -151,11 +151,13 @@ VK_CLONES void col_sum(const T* x, int64_t xs, int64_t rows, int64_t n, const T*
   }
 }
 
-// Forward epilogue: r = 1 / (den + m exp(min(log eps - c_q - c_k, limit))), y = num * r.
-// nd: rows x (e+1); y: rows x e (contiguous); r: rows.
+// Forward epilogue: r = 1 / (den + m exp(min(log eps - c_q - c_k, limit))), y = num * r
+// (+ bias + residual row when given). nd: rows x (e+1); y: rows x e, row stride y_stride;
+// r: rows.
 template <typename T>
 VK_CLONES void finish_rows(const T* nd, int64_t rows, int64_t e, const T* cq, T c_k, double eps,
-                           double limit, int64_t m, T* r, T* y) {
+                           double limit, int64_t m, T* r, T* y, int64_t y_stride, const T* bias,
+                           const T* res, int64_t res_stride) {
   const double log_eps = eps > 0.0 ? std::log(eps) : 0.0;
   for (int64_t i = 0; i < rows; ++i) {
     const T* row = nd + i * (e + 1);
@@ -163,9 +165,18 @@ VK_CLONES void finish_rows(const T* nd, int64_t rows, int64_t e, const T* cq, T 
     if (eps > 0.0) den += T(double(m) * std::exp(std::min(log_eps - double(cq[i]) - double(c_k), limit)));
     const T ri = T(1) / den;
     r[i] = ri;
-    T* yo = y + i * e;
+    T* yo = y + i * y_stride;
 #pragma omp simd
     for (int64_t j = 0; j < e; ++j) yo[j] = row[j] * ri;
+    if (bias) {
+#pragma omp simd
+      for (int64_t j = 0; j < e; ++j) yo[j] += bias[j];
+    }
+    if (res) {
+      const T* rr = res + i * res_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < e; ++j) yo[j] += rr[j];
+    }
   }
 }
 
@@ -219,6 +230,14 @@ VK_CLONES void input_grad_rows(T* dx, const T* dl, const T* x, int64_t xs, int64
   }
 }
 
+// Per-thread scratch tile of kRows x cols, reused across the work items of a parallel range:
+// fresh allocations of tile size cost page faults on every item.
+struct Scratch {
+  Tensor buf;
+  Scratch(int64_t rows, int64_t cols, const at::TensorOptions& opt) : buf(at::empty({rows, cols}, opt)) {}
+  Tensor operator()(int64_t rows) const { return buf.narrow(0, 0, rows); }
+};
+
 // Rows [r0, r0 + rows) of a per-head output view receive a compute-dtype tile (converting).
 void store(const Tensor& head, int64_t r0, const Tensor& tile) {
   head.narrow(0, r0, tile.size(0)).copy_(tile);
@@ -268,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tenso
   const auto qh = per_head(q), kh = per_head(k), vh = per_head(v), oh = per_head(out);
   const bool has_res = residual.has_value() && residual->defined();
   const auto rh = has_res ? per_head(*residual) : std::vector<Tensor>();
-  const Tensor bias = out_bias.has_value() && out_bias->defined() ? out_bias->to(ct) : Tensor();
+  const Tensor bias = out_bias.has_value() && out_bias->defined() ? out_bias->to(ct).contiguous() : Tensor();
   Tensor part_kv = at::empty({s.items, s.m, s.e}, copt);  // sum_j exp(Lk_j - max_c) v_j
   Tensor part_ks = at::empty({s.items, s.m}, copt);        // sum_j exp(Lk_j - max_c)
   Tensor part_max = at::empty({s.items}, copt);
@@ -278,11 +297,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tenso
   at::parallel_for(0, s.items, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<acc_t> h(CH);
+    const Scratch L_(CH, s.m, copt);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / s.chunks, r0 = (t % s.chunks) * CH;
       const int64_t rows = std::min(CH, s.N - r0);
       Tensor kc = rows_of(kh[bh], r0, rows, ct), vc = rows_of(vh[bh], r0, rows, ct);
-      Tensor L = at::mm(kc, Wt);
+      Tensor L = L_(rows);
+      at::mm_out(L, kc, Wt);
       acc_t* pl = L.data_ptr<acc_t>();
       part_max.data_ptr<acc_t>()[t] = key_shift<acc_t>(
           pl, kc.data_ptr<acc_t>(), kc.stride(0), rows, s.d, s.m,
@@ -335,22 +356,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tenso
   at::parallel_for(0, s.items, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<acc_t> cq(CH);
+    const Scratch S_(CH, s.m, copt), nd_(CH, e_out + 1, copt), y_(CH, e_out, copt);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / s.chunks, r0 = (t % s.chunks) * CH;
       const int64_t rows = std::min(CH, s.N - r0);
       Tensor qc = rows_of(qh[bh], r0, rows, ct);
-      Tensor S = at::mm(qc, Wt);
+      Tensor S = S_(rows);
+      at::mm_out(S, qc, Wt);
       query_shift<acc_t>(S.data_ptr<acc_t>(), qc.data_ptr<acc_t>(), qc.stride(0), rows, s.d, s.m,
                          eps > 0.0 ? cq.data() : nullptr);
       S.exp_();
       if (feature_eps != 0.0) S.add_(feature_eps);
-      Tensor nd = at::mm(S, kvq[bh]);
-      Tensor y = at::empty({rows, e_out}, copt);
+      Tensor nd = nd_(rows), y = y_(rows);
+      at::mm_out(nd, S, kvq[bh]);
+      const Tensor res = has_res ? rows_of(rh[bh], r0, rows, ct) : Tensor();
+      // Output rows are written in place when they are in the compute dtype with unit column
+      // stride; otherwise through the tile and a converting copy.
+      const Tensor& o = oh[bh];
+      const bool direct = std::is_same_v<scalar_t, acc_t> && o.stride(1) == 1;
+      acc_t* dst = direct ? reinterpret_cast<acc_t*>(o.data_ptr<scalar_t>()) + r0 * o.stride(0)
+                          : y.data_ptr<acc_t>();
       finish_rows<acc_t>(nd.data_ptr<acc_t>(), rows, e_out, cq.data(), ck.data_ptr<acc_t>()[bh], eps,
-                         limit, s.m, rden.data_ptr<acc_t>() + bh * s.N + r0, y.data_ptr<acc_t>());
-      if (bias.defined()) y.add_(bias);
-      if (has_res) y.add_(rh[bh].narrow(0, r0, rows));
-      store(oh[bh], r0, y);
+                         limit, s.m, rden.data_ptr<acc_t>() + bh * s.N + r0, dst,
+                         direct ? o.stride(0) : e_out,
+                         bias.defined() ? bias.data_ptr<acc_t>() : nullptr,
+                         has_res ? res.data_ptr<acc_t>() : nullptr, has_res ? res.stride(0) : 0);
+      if (!direct) store(o, r0, y);
     }
   });
   return {out, rden, ck, kv1};
@@ -394,19 +425,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   at::parallel_for(0, s.items, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<acc_t> neg_delta(CH);
+    const Scratch P_(CH, s.m, copt), A_(CH, s.m, copt), dx_(CH, s.d, copt);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / s.chunks, r0 = (t % s.chunks) * CH;
       const int64_t rows = std::min(CH, s.N - r0);
       Tensor qc = rows_of(qh[bh], r0, rows, ct), gc = rows_of(gh[bh], r0, rows, ct);
-      Tensor P = at::mm(qc, Wt);
+      Tensor P = P_(rows), A = A_(rows), dqc = dx_(rows);
+      at::mm_out(P, qc, Wt);
       query_shift<acc_t>(P.data_ptr<acc_t>(), nullptr, 0, rows, s.d, s.m, nullptr);
       P.exp_();  // exp part only; the feature is P + fe
       const Tensor kvb = kvq[bh];
-      Tensor A = at::mm(gc, kvb.narrow(1, 0, e_out).t());  // G KV^T (G M^T when folded)
+      at::mm_out(A, gc, kvb.narrow(1, 0, e_out).t());  // G KV^T (G M^T when folded)
       query_grad_rows<acc_t>(P.data_ptr<acc_t>(), A.data_ptr<acc_t>(),
                              rden.data_ptr<acc_t>() + bh * s.N + r0, kvb.data_ptr<acc_t>() + e_out,
                              e_out + 1, fe, rows, s.m, neg_delta.data());
-      Tensor dqc = at::mm(A, W);
+      at::mm_out(dqc, A, W);
       input_grad_rows<acc_t>(dqc.data_ptr<acc_t>(), A.data_ptr<acc_t>(), qc.data_ptr<acc_t>(),
                              qc.stride(0), rows, s.d, s.m);
       store(dqh[bh], r0, dqc);
@@ -434,21 +467,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   at::parallel_for(0, s.items, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<acc_t> h(CH);
+    const Scratch P_(CH, s.m, copt), Pfe_(CH, s.m, copt), D_(CH, s.m, copt), dv_(CH, s.e, copt),
+        dx_(CH, s.d, copt);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / s.chunks, r0 = (t % s.chunks) * CH;
       const int64_t rows = std::min(CH, s.N - r0);
       Tensor kc = rows_of(kh[bh], r0, rows, ct), vc = rows_of(vh[bh], r0, rows, ct);
-      Tensor P = at::mm(kc, Wt);
+      Tensor P = P_(rows), D = D_(rows), dvc = dv_(rows), dkc = dx_(rows);
+      at::mm_out(P, kc, Wt);
       key_shift<acc_t>(P.data_ptr<acc_t>(), kc.data_ptr<acc_t>(), kc.stride(0), rows, s.d, s.m,
                        ck.data_ptr<acc_t>()[bh], h.data());
       P.exp_();
       const Tensor g = dkv1[bh];
       const Tensor gkv = g.narrow(1, 0, s.e);
-      store(dvh[bh], r0, feature_eps != 0.0 ? at::mm(P + feature_eps, gkv) : at::mm(P, gkv));
-      Tensor D = at::mm(vc, gkv.t());  // V dKV^T
+      if (feature_eps != 0.0) {
+        Tensor Pfe = Pfe_(rows);
+        at::add_out(Pfe, P, at::scalar_tensor(feature_eps, copt));
+        at::mm_out(dvc, Pfe, gkv);
+      } else {
+        at::mm_out(dvc, P, gkv);
+      }
+      store(dvh[bh], r0, dvc);
+      at::mm_out(D, vc, gkv.t());  // V dKV^T
       key_grad_rows<acc_t>(D.data_ptr<acc_t>(), P.data_ptr<acc_t>(), g.data_ptr<acc_t>() + s.e,
                            s.e + 1, rows, s.m);
-      Tensor dkc = at::mm(D, W);
+      at::mm_out(dkc, D, W);
       input_grad_rows<acc_t>(dkc.data_ptr<acc_t>(), D.data_ptr<acc_t>(), kc.data_ptr<acc_t>(),
                              kc.stride(0), rows, s.d, s.m);
       store(dkh[bh], r0, dkc);
