@@ -250,7 +250,7 @@ def test_package_level_spelling():
 
 
 @requires_interpreter
-@pytest.mark.parametrize("kind", ["vit", "swin", "t2t"])
+@pytest.mark.parametrize("kind", ["vit", "torchvision", "swin", "swinv2", "t2t"])
 def test_triton_path_interpreter(kind):
     """Reduced models with backend='triton': the Triton kernels (forward and backward) run in the
     interpreter on CPU tensors and must match the unpatched model in fp32."""
@@ -263,6 +263,13 @@ def test_triton_path_interpreter(kind):
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=24,
                                   patch_size=4, window_size=4, embed_dim=32, depths=(2,), num_heads=(2,))
         x = torch.randn(1, 3, 24, 24)                                     # 6x6 tokens: padded windows
+    elif kind == "swinv2":
+        model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=32,
+                                  patch_size=4, window_size=4, embed_dim=32, depths=(2,), num_heads=(2,))
+        x = torch.randn(1, 3, 32, 32)                                     # 8x8 tokens, shift 2
+    elif kind == "torchvision":
+        model = _small_torchvision_vit(num_layers=1)
+        x = torch.randn(1, 3, 32, 32)
     else:
         model = TinyT2T()
         x = 0.5 * torch.randn(1, 20, 27)
