@@ -234,3 +234,15 @@ def test_performer_attention_state_dict_round_trip():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(again(x), m(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_linear_epilogues_match_composition(dtype):
+    from vitkern.cpu.performer import linear_fwd
+    x = torch.randn(3, 20, 36).to(dtype)
+    w, b, r = torch.randn(24, 36).to(dtype), torch.randn(24).to(dtype), torch.randn(3, 20, 24).to(dtype)
+    lin = torch.nn.functional.linear(x, w, b)
+    assert_close(linear_fwd(x, w, b), lin, dtype)
+    assert_close(linear_fwd(x, w, None), torch.nn.functional.linear(x, w), dtype)
+    assert_close(linear_fwd(x, w, b, "gelu"), torch.nn.functional.gelu(lin), dtype)
+    assert_close(linear_fwd(x, w, b, residual=r), lin + r, dtype)

@@ -39,7 +39,7 @@ from vitkern import _backend
 from vitkern.reference.performer import eps_exponent_limit
 
 __all__ = ["performer_fwd", "performer_bwd", "performer_fwd_native", "performer_bwd_native",
-           "uses_extension", "output_layout"]
+           "uses_extension", "output_layout", "linear_fwd"]
 
 Tensor = torch.Tensor
 
@@ -204,3 +204,40 @@ def performer_bwd(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_d
             need_dout_weight))
     return performer_bwd_native(grad, q, k, v, projection, rden, c_k, kv1, feature_eps, need_dw,
                                 out_weight, need_dout_weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear layers of TokenPerformer on the CPU. ``F.linear`` first broadcasts the bias into the
+# output and then accumulates the GEMM into it: one extra pass over an output that is 3x the
+# token width for kqv. oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel
+# torch.compile's CPU backend emits) applies the bias, a GELU or a residual add in the GEMM's
+# epilogue instead. Same arithmetic per element; used when present (PyTorch built with oneDNN),
+# for float32/bfloat16 CPU tensors, and not while torch.compile traces (it lowers F.linear
+# itself).
+# ------------------------------------------------------------------------------------------------
+
+_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _onednn_linear_ok(x: Tensor, weight: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return (_ONEDNN_LINEAR and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype)
+
+
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], post: str = "none",
+               residual: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, then GELU (``post="gelu"``) or ``+ residual``, without
+    autograd; on oneDNN with the epilogue fused when it can take the inputs."""
+    if _onednn_linear_ok(x, weight) and (bias is None or bias.dtype == x.dtype):
+        x = x.contiguous()
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual.contiguous(), weight, bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "none")
+    out = torch.nn.functional.linear(x, weight, bias)
+    if post == "gelu":
+        out = torch.nn.functional.gelu(out)
+    return out if residual is None else out + residual

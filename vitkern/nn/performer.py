@@ -13,9 +13,9 @@ import warnings
 from typing import Optional, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vitkern.cpu.performer import linear_fwd
 from vitkern.functional.performer import (performer_attention, performer_attention_proj,
                                           performer_dropout)
 from vitkern.reference.performer import gaussian_orthogonal_projection, orthogonal_projection
@@ -32,7 +32,7 @@ class _LayerNormLinear(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_bias, norm_eps, weight, bias):
         xn, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias,
                                                  norm_eps)
-        out = F.linear(xn, weight, bias)
+        out = linear_fwd(xn, weight, bias)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
         ctx.norm_eps = norm_eps
         ctx.has_bias = bias is not None
@@ -59,11 +59,41 @@ class _LayerNormLinear(torch.autograd.Function):
         return dx, dnw, dnb, None, dweight, dbias
 
 
-def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
-    """``linear(norm(x))``; under autograd the normalized ``x`` is recomputed in backward."""
-    if not torch.is_grad_enabled() or len(norm.normalized_shape) != 1:
-        return linear(norm(x))
-    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, layer: nn.Linear) -> torch.Tensor:
+    """``layer(norm(x))``; under autograd the normalized ``x`` is recomputed in backward."""
+    if len(norm.normalized_shape) != 1:
+        return layer(norm(x))
+    if not torch.is_grad_enabled():
+        return linear_fwd(norm(x), layer.weight, layer.bias)
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, layer.weight, layer.bias)
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` whose forward runs on :func:`linear_fwd` (bias in the GEMM epilogue); the
+    backward is Linear's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return linear_fwd(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dx = grad.matmul(weight) if need_x else None
+        dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        db = g2.sum(0) if need_b and ctx.has_bias else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` with the bias fused into the GEMM on the CPU (see :func:`linear_fwd`)."""
+    if torch.is_grad_enabled():
+        return _Linear.apply(x, layer.weight, layer.bias)
+    return linear_fwd(x, layer.weight, layer.bias)
 
 
 class TokenPerformer(nn.Module):
@@ -122,12 +152,23 @@ class TokenPerformer(nn.Module):
         kqv = layer_norm_linear(x, self.norm1, self.kqv)
         y = self._attend(*torch.split(kqv, self.emb, dim=-1))
         del kqv  # in inference the (B, N, 3 emb) projection can go before the MLP runs
-        return y + self._mlp(self.norm2(y))
+        return self._mlp_residual(y)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.mlp`` (Linear, GELU, Linear, Dropout) with :func:`performer_dropout`."""
-        fc1, act, fc2, drop = self.mlp
-        return performer_dropout(fc2(act(fc1(x))), drop.p, self.training)
+    def _mlp_residual(self, y: torch.Tensor) -> torch.Tensor:
+        """``y + mlp(norm2(y))``, for T2T's mlp (Linear, GELU, Linear, Dropout): the dropout is
+        :func:`performer_dropout`; without autograd the GELU and the residual add run in the
+        GEMM epilogues (:func:`linear_fwd`)."""
+        parts = list(self.mlp)
+        if not (len(parts) == 4 and isinstance(parts[0], nn.Linear) and isinstance(parts[2], nn.Linear)
+                and isinstance(parts[1], nn.GELU) and isinstance(parts[3], nn.Dropout)):
+            return y + self.mlp(self.norm2(y))  # a customized mlp runs as it is
+        fc1, act, fc2, drop = parts
+        x = self.norm2(y)
+        dropping = self.training and drop.p > 0
+        if not torch.is_grad_enabled() and not dropping and act.approximate == "none":
+            return linear_fwd(linear_fwd(x, fc1.weight, fc1.bias, "gelu"), fc2.weight, fc2.bias,
+                              residual=y)
+        return y + performer_dropout(linear(act(linear(x, fc1)), fc2), drop.p, self.training)
 
 
 class PerformerAttention(nn.Module):
