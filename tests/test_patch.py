@@ -320,3 +320,19 @@ def test_qk_norm_deepcopy_and_pickle():
         assert unpatch(m) == 2 and type(m.blocks[0].attn) is timm.layers.Attention
         with torch.no_grad():
             assert torch.equal(m(x), before)
+
+
+def test_patched_models_without_extension(monkeypatch):
+    """Without vitkern._C the replacements run the native PyTorch composition: same outputs."""
+    import vitkern._backend
+    monkeypatch.setattr(vitkern._backend, "has_cpu_op", lambda name: False)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=48, window_size=4,
+                             embed_dim=24, depths=(2, 2), num_heads=(2, 4)).eval()
+    holder = nn.ModuleDict({"swin": swin, "t2t": TinyT2T().eval()})
+    _randomize_zero_params(holder)
+    reference = copy.deepcopy(holder)
+    assert patch(holder, strict=True).counts() == {"window_attention": 4, "performer": 2}
+    x, tokens = torch.randn(1, 3, 48, 48), 0.5 * torch.randn(2, 30, 27)
+    with torch.no_grad():
+        assert rel_err(holder["swin"](x), reference["swin"](x)) < TOL
+        assert rel_err(holder["t2t"](tokens), reference["t2t"](tokens)) < TOL
