@@ -89,11 +89,15 @@ class _Linear(torch.autograd.Function):
         return dx, dw, db
 
 
+def _linear_fn(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    if torch.is_grad_enabled():
+        return _Linear.apply(x, weight, bias)
+    return linear_fwd(x, weight, bias)
+
+
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)`` with the bias fused into the GEMM on the CPU (see :func:`linear_fwd`)."""
-    if torch.is_grad_enabled():
-        return _Linear.apply(x, layer.weight, layer.bias)
-    return linear_fwd(x, layer.weight, layer.bias)
+    return _linear_fn(x, layer.weight, layer.bias)
 
 
 class TokenPerformer(nn.Module):
@@ -265,14 +269,27 @@ class PerformerAttention(nn.Module):
             self._count_training_call()
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
         data_normalizer = self.head_dim ** -0.25
-        x = performer_attention(q * data_normalizer, k * data_normalizer, v, self.projection,
-                                eps=0.0, feature_eps=self.feature_eps, backend=self.backend)
+        plain_qk = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if plain_qk:
+            # performer-pytorch's d^-1/4 on q and k, applied to the rows of the qkv weight and
+            # bias that produce them: an op on (3 C, C) weights instead of two on activations.
+            scale = torch.ones(3, self.attn_dim, dtype=self.qkv.weight.dtype,
+                               device=self.qkv.weight.device)
+            scale[:2] = data_normalizer
+            scale = scale.flatten()
+            bias = self.qkv.bias * scale if self.qkv.bias is not None else None
+            qkv = _linear_fn(x, self.qkv.weight * scale[:, None], bias)
+        else:
+            qkv = linear(x, self.qkv)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if not plain_qk:
+            q, k = self.q_norm(q) * data_normalizer, self.k_norm(k) * data_normalizer
+        x = performer_attention(q, k, v, self.projection, eps=0.0,
+                                feature_eps=self.feature_eps, backend=self.backend)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(linear(x, self.proj))
