@@ -22,7 +22,14 @@ and how outputs are written in the layout the next Linear reads (pass ``out=`` a
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import inspect
+import json
+import os
+import re
+import subprocess
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -71,6 +78,9 @@ def supports(q, k, v, bias=None) -> Optional[str]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1:
             return f"{name} must have a contiguous last (head_dim) dimension, got strides {t.stride()}"
+        if not _head_offsets_fit(t):
+            return (f"{name}: one (batch, head) slice spans {t.shape[2]} rows of stride {t.stride(2)}, "
+                    "beyond the kernels' int32 in-head offsets")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             return f"bias must be a torch.Tensor or None, got {type(bias).__name__}"
@@ -82,7 +92,18 @@ def supports(q, k, v, bias=None) -> Optional[str]:
         shape = tuple(bias.shape)
         if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
             return f"bias of shape {shape} does not broadcast to (B, H, N, M) = {target}"
+        if N * k.shape[2] >= _INT32_LIMIT:
+            return f"an (N, M) = ({N}, {k.shape[2]}) bias slice exceeds the kernels' int32 in-head offsets"
     return None
+
+
+_INT32_LIMIT = 2 ** 31
+
+
+def _head_offsets_fit(t: Tensor) -> bool:
+    """Batch/head offsets are int64 in the kernels; offsets inside one (batch, head) slice are
+    int32 (cheaper address arithmetic), so one slice must span fewer than 2**31 elements."""
+    return (t.shape[2] - 1) * abs(t.stride(2)) + t.shape[3] < _INT32_LIMIT
 
 
 def _require_support(q, k, v, bias):
@@ -102,6 +123,8 @@ def _check_buffer(name: str, buf: Tensor, shape, dtype, device):
         raise ValueError(f"{_OP}: {name} must be on device {device}, got {buf.device}")
     if buf.stride(3) != 1:
         raise ValueError(f"{_OP}: {name} must have a contiguous last dimension, got strides {buf.stride()}")
+    if not _head_offsets_fit(buf):
+        raise ValueError(f"{_OP}: {name}'s (batch, head) slices exceed the kernels' int32 in-head offsets")
 
 
 def _check_scalar_args(dropout_p, seed):
@@ -120,6 +143,10 @@ def _bias_view(bias: Optional[Tensor], shape) -> Tuple[Optional[Tensor], Tuple[i
     """``bias`` as a (B, H, N, M) view (stride 0 on broadcast dims) and its four strides."""
     if bias is None:
         return None, (0, 0, 0, 0)
+    if bias.shape[-1] != 1 and bias.stride(-1) != 1:
+        # A unit key stride lets Triton specialise the stride to 1 and vectorise the bias
+        # loads; other layouts (a transposed bias) are copied once instead.
+        bias = bias.contiguous()
     full = bias.expand(shape)
     return full, tuple(full.stride())
 
@@ -247,7 +274,9 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
 
     scale = D ** -0.5 if scale is None else float(scale)
     bias_full, sb = _bias_view(bias, (B, H, N, M))
-    dummy = lse  # stands in for pointers a constexpr flag leaves unread
+    # Stands in for pointers a constexpr flag leaves unread. Its own tensor, because the
+    # autotuner zeroes whatever is passed as DQ_ACC before each timing run.
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     block_d = _fwd.block_d_for(D)
     precision = _precision(q.dtype, allow_tf32)
     blocks = _launch_blocks()
@@ -417,39 +446,142 @@ def _tile_spec(kernel, dtype: torch.dtype, head_dim: int, cfg, flags: dict, tag:
 
 
 
-_FULL_FWD = dict(HAS_BIAS=True, IS_DROPOUT=True)
-_FULL_DKDV = dict(HAS_BIAS=True, BIAS_GRAD=True, IS_DROPOUT=True, ATOMIC_DQ=True)
-_FULL_DQ = dict(HAS_BIAS=True, BIAS_GRAD=True, IS_DROPOUT=True)
+_FEATURES = {  # every feature of the featured class, per kernel
+    "attn_fwd_kernel_jit": dict(HAS_BIAS=True, IS_DROPOUT=True),
+    "attn_bwd_dkdv_kernel_jit": dict(HAS_BIAS=True, BIAS_GRAD=True, IS_DROPOUT=True),
+    "attn_bwd_dq_kernel_jit": dict(HAS_BIAS=True, BIAS_GRAD=True, IS_DROPOUT=True),
+}
 
 
-def aot_specs(head_dims=AOT_HEAD_DIMS) -> List["KernelSpec"]:  # noqa: F821
-    """Every autotune config of every kernel for ``head_dims`` x {fp16, bf16, fp32}, compiled
-    with the heaviest feature set (bias + its gradient + dropout + atomic dQ, masked edges),
-    plus a tf32 variant per kernel (fp32 operands on tensor cores) and the two small kernels.
-    The masked, all-features variant has the highest register pressure of each config, so
-    0 spills there bounds the lighter variants."""
+def _class_flags(kernel, featured: bool, precision: str) -> dict:
+    """Constexpr flags of one config class at its heaviest: all features on for the featured
+    class, none for the plain one; the dK/dV kernel always with the atomic dQ update."""
+    name = _base_fn(kernel).__name__
+    flags = {k: (v and featured) for k, v in _FEATURES[name].items()}
+    if name == "attn_bwd_dkdv_kernel_jit":
+        flags["ATOMIC_DQ"] = True
+    return dict(flags, PRECISION=precision)
+
+
+def aot_specs(head_dims=AOT_HEAD_DIMS, dtypes=KERNEL_DTYPES) -> List["KernelSpec"]:  # noqa: F821
+    """Every autotune config of the three attention kernels for ``head_dims`` x ``dtypes``, each
+    compiled at the heaviest variant of its class (see :func:`_class_flags`) with masked
+    sequence edges; plus a tf32 variant per kernel and the two small helper kernels. The
+    heaviest variant has the highest register pressure of its class, so 0 spills there bounds
+    the lighter variants the autotuner may launch with the same config."""
     from ..aot import KernelSpec
-    kernels = ((_fwd.attn_fwd_kernel_jit, _fwd.FWD_CONFIGS, _FULL_FWD),
-               (_bwd.attn_bwd_dkdv_kernel_jit, _bwd.DKDV_CONFIGS, _FULL_DKDV),
-               (_bwd.attn_bwd_dq_kernel_jit, _bwd.DQ_CONFIGS, _FULL_DQ))
+    kernels = ((_fwd.attn_fwd_kernel_jit, _fwd.FWD_CONFIGS),
+               (_bwd.attn_bwd_dkdv_kernel_jit, _bwd.DKDV_CONFIGS),
+               (_bwd.attn_bwd_dq_kernel_jit, _bwd.DQ_CONFIGS))
     specs = []
-    for dtype in KERNEL_DTYPES:
+    for dtype in dtypes:
         kind = _fwd.operand_kind(dtype)
         for d in head_dims:
-            for kernel, table, flags in kernels:
-                for cfg in table[(kind, _fwd.block_d_for(d))]:
-                    specs.append(_tile_spec(kernel, dtype, d, cfg, dict(flags, PRECISION="ieee")))
-    for kernel, table, flags in kernels:
-        specs.append(_tile_spec(kernel, torch.float32, 64, table[("fp32", 64)][0],
-                                dict(flags, PRECISION="tf32"), " tf32"))
+            for kernel, table in kernels:
+                for featured in (False, True):
+                    for cfg in _fwd.configs_for(table, kind, _fwd.block_d_for(d), featured):
+                        specs.append(_tile_spec(kernel, dtype, d, cfg, _class_flags(kernel, featured, "ieee"),
+                                                " +feat" if featured else ""))
+    if torch.float32 in dtypes:
+        for kernel, table in kernels:
+            specs.append(_tile_spec(kernel, torch.float32, 64, _fwd.configs_for(table, "fp32", 64, True)[0],
+                                    _class_flags(kernel, True, "tf32"), " +feat tf32"))
     pre = {"BLOCK_M": _bwd.PREPROCESS_BLOCK_M, "BLOCK_D": 64}
     specs.append(KernelSpec(
         module=_bwd.__name__, kernel="attn_bwd_preprocess_kernel",
         signature=_signature(_bwd.attn_bwd_preprocess_kernel, "fp16", pre), constexprs=pre,
-        num_warps=4, num_stages=1, label=f"bwd_preprocess_kernel fp16 d64 {_bwd.PREPROCESS_BLOCK_M}"))
+        num_warps=4, num_stages=1, label=f"bwd_preprocess fp16 d64 {_bwd.PREPROCESS_BLOCK_M}"))
     mask_c = {"BLOCK_M": 32, "BLOCK_N": 64}
     specs.append(KernelSpec(
         module=_fwd.__name__, kernel="dropout_mask_kernel",
         signature=_signature(_fwd.dropout_mask_kernel, "fp16", mask_c), constexprs=mask_c,
-        num_warps=4, num_stages=1, label="dropout_mask_kernel 32x64"))
+        num_warps=4, num_stages=1, label="dropout_mask 32x64"))
     return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile report with the launch specialisation of aligned inputs
+# ---------------------------------------------------------------------------------------------
+COMPILE_REPORT_HEADER = """\
+# Ahead-of-time compile of the attention kernels (vitkern.ops.attention.aot_specs), produced by
+# tests/test_attention_triton.py::test_every_kernel_config_compiles_without_spills.
+# Every autotune config for head_dim 32/64/128 x fp16/bf16/fp32 (+ tf32 and the two helper
+# kernels), compiled for sm_80 and sm_90 with the specialisation Triton's launcher gives aligned
+# inputs (16-byte aligned pointers, strides divisible by 16, unit bias key stride) and every
+# feature on (bias, bias gradient, dropout, atomic dQ, masked sequence edges).
+# regs = registers/thread, spill = spill stores/loads in bytes, smem = shared memory bytes,
+# tc = tensor-core instruction in the PTX (mma.sync on sm_80, wgmma on sm_90).
+"""
+
+
+def launch_attrs(spec) -> dict:
+    """``tt.divisibility = 16`` on what Triton's launcher marks so for aligned inputs: every
+    pointer, every stride, and the head dim when it is a power of two >= 16 (EVEN_D). This is
+    what makes loads vectorise; without it a compile models inputs with odd strides."""
+    names = _arg_names(getattr(importlib.import_module(spec.module), spec.kernel))
+    attrs = {}
+    for i, name in enumerate(names):
+        kind = spec.signature.get(name, "constexpr")
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*") or name.startswith("stride_") or (
+                name == "D" and spec.constexprs.get("EVEN_D", True)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _compile_aligned(spec, arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..aot import CompileReport, _ptxas_report
+    fn = getattr(importlib.import_module(spec.module), spec.kernel)
+    base = dict(label=spec.key(), kernel=spec.kernel, arch=arch, num_warps=spec.num_warps,
+                num_stages=spec.num_stages)
+    try:
+        src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), launch_attrs(spec))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        ptx = compiled.asm["ptx"]
+        return CompileReport(**base, **_ptxas_report(ptx, arch), shared_bytes=int(compiled.metadata.shared),
+                             uses_mma=bool(re.search(r"\bmma\.sync", ptx)),
+                             uses_wgmma="wgmma.mma_async" in ptx)
+    except Exception as exc:  # report, don't stop the sweep
+        return CompileReport(**base, registers=0, spill_stores=0, spill_loads=0, stack_bytes=0,
+                             shared_bytes=0, uses_mma=False, uses_wgmma=False,
+                             error=f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+
+
+def compile_report_aligned(specs=None, archs=(80, 90)) -> list:
+    """:func:`vitkern.aot.compile_report` for these specs (default :func:`aot_specs`) with
+    :func:`launch_attrs`; in a subprocess with the interpreter off when it is on."""
+    from ..aot import CompileReport
+    specs = aot_specs() if specs is None else specs
+    if not interpreter_on():
+        return [_compile_aligned(s, a) for s in specs for a in archs]
+    payload = json.dumps({"specs": [dataclasses.asdict(s) for s in specs], "archs": list(archs)})
+    out = subprocess.run([sys.executable, "-m", __name__], input=payload, capture_output=True,
+                         text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
+    if out.returncode != 0:
+        raise RuntimeError(f"AOT compile subprocess failed:\n{out.stderr[-2000:]}")
+    return [CompileReport(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _compile_job(job):
+    from ..aot import KernelSpec
+    spec, arch = job
+    return dataclasses.asdict(_compile_aligned(KernelSpec(**spec), arch))
+
+
+def _aot_main() -> None:
+    """Subprocess entry: compile the specs on stdin, one worker process per CPU."""
+    from concurrent.futures import ProcessPoolExecutor
+    payload = json.loads(sys.stdin.read())
+    jobs = [(s, a) for s in payload["specs"] for a in payload["archs"]]
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        reports = list(pool.map(_compile_job, jobs))
+    print(json.dumps(reports))
+
+
+if __name__ == "__main__":
+    _aot_main()

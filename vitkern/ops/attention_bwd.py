@@ -22,32 +22,46 @@ import triton.language as tl
 
 from .attention_fwd import EVEN_HEURISTICS, dropout_keep, load_tile, store_tile, tuned
 
-# (BLOCK_M = query tile, BLOCK_N = key tile, num_warps, num_stages) per (kind, BLOCK_D).
-# dK/dV keep two (BLOCK_N, BLOCK_D) fp32 accumulators live across the whole loop, so their key
-# tiles are smaller than the forward's query tiles; every entry is AOT-checked for 0 spills.
+# (BLOCK_M = query tile, BLOCK_N = key tile, num_warps, num_stages) per (kind, BLOCK_D,
+# featured), as in attention_fwd.FWD_CONFIGS (featured: bias, its gradient or dropout).
+# dK/dV keep two (BLOCK_N, BLOCK_D) fp32 accumulators live across the whole loop and the plain
+# class includes the atomic dQ update, so their tiles are smaller than the forward's; every
+# entry is AOT-checked for 0 spills with all features of its class on.
 DKDV_CONFIGS = {
-    ("half", 16): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-    ("half", 32): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-    ("half", 64): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-    ("half", 128): [(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2)],
-    ("half", 256): [(32, 64, 8, 1), (64, 64, 8, 1)],
-    ("fp32", 16): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    ("fp32", 32): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    ("fp32", 64): [(32, 32, 4, 2), (16, 32, 4, 2)],
-    ("fp32", 128): [(16, 32, 4, 1), (32, 32, 8, 1)],
-    ("fp32", 256): [(16, 32, 8, 1)],
+    ("half", 32, False): [(64, 128, 8, 2), (32, 64, 4, 3)],
+    ("half", 32, True): [(32, 64, 4, 2), (16, 64, 4, 2)],
+    ("half", 64, False): [(64, 128, 8, 2), (32, 64, 4, 3)],
+    ("half", 64, True): [(16, 64, 4, 2), (32, 32, 4, 2)],
+    ("half", 128, False): [(64, 64, 8, 2), (32, 32, 4, 2)],
+    ("half", 128, True): [(16, 32, 4, 2), (16, 64, 8, 1)],
+    ("half", 256, False): [(16, 32, 4, 1), (16, 64, 8, 1)],
+    ("half", 256, True): [(16, 32, 4, 1), (16, 64, 8, 1)],
+    ("fp32", 32, False): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fp32", 32, True): [(16, 16, 4, 2), (32, 32, 4, 1)],
+    ("fp32", 64, False): [(32, 32, 8, 2), (16, 32, 4, 1)],
+    ("fp32", 64, True): [(32, 32, 8, 1), (16, 32, 4, 1)],
+    ("fp32", 128, False): [(16, 32, 8, 1), (16, 16, 4, 1)],
+    ("fp32", 128, True): [(16, 32, 8, 1), (16, 16, 4, 1)],
+    ("fp32", 256, False): [(16, 16, 4, 1), (16, 32, 8, 1)],
+    ("fp32", 256, True): [(16, 16, 4, 1), (16, 32, 8, 1)],
 }
 DQ_CONFIGS = {
-    ("half", 16): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
-    ("half", 32): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
-    ("half", 64): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
-    ("half", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-    ("half", 256): [(64, 32, 8, 1), (64, 64, 8, 1)],
-    ("fp32", 16): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    ("fp32", 32): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    ("fp32", 64): [(32, 32, 4, 2), (64, 32, 8, 2)],
-    ("fp32", 128): [(32, 16, 4, 1), (32, 32, 8, 1)],
-    ("fp32", 256): [(32, 16, 8, 1)],
+    ("half", 32, False): [(128, 64, 8, 2), (64, 64, 4, 3)],
+    ("half", 32, True): [(64, 32, 4, 2), (128, 32, 8, 2)],
+    ("half", 64, False): [(128, 64, 8, 2), (64, 64, 4, 3)],
+    ("half", 64, True): [(64, 32, 4, 2), (128, 32, 8, 2)],
+    ("half", 128, False): [(64, 64, 4, 2), (64, 32, 4, 3)],
+    ("half", 128, True): [(64, 32, 8, 2), (32, 64, 4, 2)],
+    ("half", 256, False): [(32, 32, 4, 1), (64, 32, 8, 1)],
+    ("half", 256, True): [(32, 32, 4, 1), (64, 32, 8, 1)],
+    ("fp32", 32, False): [(32, 32, 4, 2), (64, 32, 8, 2)],
+    ("fp32", 32, True): [(32, 32, 4, 2), (64, 32, 8, 2)],
+    ("fp32", 64, False): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fp32", 64, True): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fp32", 128, False): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    ("fp32", 128, True): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    ("fp32", 256, False): [(16, 16, 4, 1), (32, 16, 8, 1)],
+    ("fp32", 256, True): [(16, 16, 4, 1)],
 }
 PREPROCESS_BLOCK_M = 64
 _BWD_KEY = ["N", "M", "BLOCK_D", "HAS_BIAS", "BIAS_GRAD", "IS_DROPOUT"]
@@ -127,16 +141,12 @@ def attn_bwd_dkdv_kernel_jit(
                   + offs_d[None, :], offs_n, offs_d, M, D, EVEN_M, EVEN_D)
     v = load_tile(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn
                   + offs_d[None, :], offs_n, offs_d, M, D, EVEN_M, EVEN_D)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
-    if HAS_BIAS:
-        b_ptrs = (Bias + off_b * stride_bb + off_h * stride_bh + offs_n[:, None] * stride_bm
-                  + offs_m[None, :] * stride_bn)
-    if BIAS_GRAD:
-        db_ptrs = (DBias + off_b * stride_dbb + off_h * stride_dbh + offs_n[:, None] * stride_dbm
-                   + offs_m[None, :] * stride_dbn)
-    if ATOMIC_DQ:
-        dq_ptrs = DQ_ACC + (row0 + offs_m[:, None]) * D + offs_d[None, :]
+    # Scalar (int64) bases per (batch, head); int32 tile offsets recomputed each step.
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    b_base = Bias + off_b * stride_bb + off_h * stride_bh
+    db_base = DBias + off_b * stride_dbb + off_h * stride_dbh
+    dq_base = DQ_ACC + row0 * D
 
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -144,8 +154,10 @@ def attn_bwd_dkdv_kernel_jit(
 
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m
-        q = load_tile(q_ptrs, rows, offs_d, N, D, EVEN_N, EVEN_D)
-        do = load_tile(do_ptrs, rows, offs_d, N, D, EVEN_N, EVEN_D)
+        q = load_tile(q_base + rows[:, None] * stride_qn + offs_d[None, :], rows, offs_d, N, D,
+                      EVEN_N, EVEN_D)
+        do = load_tile(do_base + rows[:, None] * stride_don + offs_d[None, :], rows, offs_d, N, D,
+                       EVEN_N, EVEN_D)
         if EVEN_N:
             lse = tl.load(Lse + row0 + rows)
             delta = tl.load(Delta + row0 + rows)
@@ -155,7 +167,8 @@ def attn_bwd_dkdv_kernel_jit(
 
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
-            bias = load_tile(b_ptrs, offs_n, rows, M, N, EVEN_M, EVEN_N)
+            bias = load_tile(b_base + offs_n[:, None] * stride_bm + rows[None, :] * stride_bn,
+                             offs_n, rows, M, N, EVEN_M, EVEN_N)
             st += bias.to(tl.float32) * 1.4426950408889634
         if not EVEN_M:
             # Padding keys must get p = 0: their scores are not bounded by the row's lse.
@@ -175,24 +188,18 @@ def attn_bwd_dkdv_kernel_jit(
 
         dst = pt * (dpt - delta[None, :])
         if BIAS_GRAD:
-            store_tile(db_ptrs, dst.to(DBias.dtype.element_ty), offs_n, rows, M, N, EVEN_M, EVEN_N)
+            store_tile(db_base + offs_n[:, None] * stride_dbm + rows[None, :] * stride_dbn,
+                       dst.to(DBias.dtype.element_ty), offs_n, rows, M, N, EVEN_M, EVEN_N)
         dst_lo = dst.to(q.dtype)
         dk = tl.dot(dst_lo, q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dst_lo), k, input_precision=PRECISION)
+            dq_ptrs = dq_base + rows[:, None] * D + offs_d[None, :]
             if EVEN_N and EVEN_D:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
             else:
                 tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < N) & (offs_d[None, :] < D),
                               sem="relaxed")
-            dq_ptrs += BLOCK_M * D
-
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
-        if HAS_BIAS:
-            b_ptrs += BLOCK_M * stride_bn
-        if BIAS_GRAD:
-            db_ptrs += BLOCK_M * stride_dbn
 
     dk = dk * sm_scale
     store_tile(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn
@@ -249,21 +256,22 @@ def attn_bwd_dq_kernel_jit(
         delta = tl.load(Delta + row0 + offs_m, mask=offs_m < N, other=0.0)
     lse2 = lse * 1.4426950408889634
 
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if HAS_BIAS:
-        b_ptrs = (Bias + off_b * stride_bb + off_h * stride_bh + offs_m[:, None] * stride_bn
-                  + offs_n[None, :] * stride_bm)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    b_base = Bias + off_b * stride_bb + off_h * stride_bh
 
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, M, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, offs_d, M, D, EVEN_M, EVEN_D)
-        v = load_tile(v_ptrs, cols, offs_d, M, D, EVEN_M, EVEN_D)
+        k = load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, offs_d, M, D,
+                      EVEN_M, EVEN_D)
+        v = load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, offs_d, M, D,
+                      EVEN_M, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
-            bias = load_tile(b_ptrs, offs_m, cols, N, M, EVEN_N, EVEN_M)
+            bias = load_tile(b_base + offs_m[:, None] * stride_bn + cols[None, :] * stride_bm,
+                             offs_m, cols, N, M, EVEN_N, EVEN_M)
             s += bias.to(tl.float32) * 1.4426950408889634
         if not EVEN_M:
             s = tl.where(cols[None, :] < M, s, float("-inf"))
@@ -274,10 +282,6 @@ def attn_bwd_dq_kernel_jit(
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if HAS_BIAS:
-            b_ptrs += BLOCK_N * stride_bm
 
     dq = dq * sm_scale
     store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn

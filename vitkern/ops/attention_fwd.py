@@ -20,21 +20,31 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): exp2 is the native inst
 # ---------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (operand kind, BLOCK_D). "half" = fp16/bf16 on
-# tensor cores; "fp32" = ieee fp32 (FMA, many more registers per tile) or tf32.
-# Every entry is compiled for sm_80 and sm_90 by the AOT test and must not spill
-# (docs/compile_report_attention.txt).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (operand kind, BLOCK_D, featured):
+# - kind "half" = fp16/bf16 on tensor cores, "fp32" = fp32 operands (ieee: FMA, far more
+#   registers per tile; or tf32 tensor cores);
+# - BLOCK_D 16 shares the 32 entries;
+# - featured = a bias or dropout is compiled in. Their extra live state (bias tile, Philox
+#   words, keep mask) pushes the plain tiles past 255 registers, so they get their own tiles.
+# Every entry is compiled for sm_80 and sm_90 by the AOT test with every feature of its class
+# on and must not spill (docs/compile_report_attention.txt).
 FWD_CONFIGS = {
-    ("half", 16): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("half", 32): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    ("half", 128): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-    ("half", 256): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-    ("fp32", 16): [(64, 64, 4, 2), (32, 64, 4, 2)],
-    ("fp32", 32): [(64, 64, 4, 2), (32, 64, 4, 2)],
-    ("fp32", 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    ("fp32", 128): [(32, 32, 4, 2), (64, 32, 8, 2)],
-    ("fp32", 256): [(32, 32, 8, 1), (16, 32, 4, 1)],
+    ("half", 32, False): [(128, 64, 4, 3), (64, 64, 4, 4)],
+    ("half", 32, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("half", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("half", 64, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    ("half", 128, False): [(64, 64, 4, 3), (128, 32, 8, 2)],
+    ("half", 128, True): [(64, 64, 8, 2), (128, 32, 8, 2)],
+    ("half", 256, False): [(64, 32, 4, 2), (64, 64, 8, 2)],
+    ("half", 256, True): [(64, 32, 4, 2), (64, 64, 8, 2)],
+    ("fp32", 32, False): [(32, 32, 4, 2), (64, 32, 8, 2)],
+    ("fp32", 32, True): [(32, 32, 4, 2), (64, 32, 8, 2)],
+    ("fp32", 64, False): [(32, 32, 8, 2), (64, 32, 8, 2)],
+    ("fp32", 64, True): [(32, 32, 8, 2), (64, 32, 8, 2)],
+    ("fp32", 128, False): [(32, 32, 8, 2), (16, 16, 4, 1)],
+    ("fp32", 128, True): [(32, 16, 8, 2), (16, 16, 4, 1)],
+    ("fp32", 256, False): [(16, 16, 4, 1), (16, 32, 8, 1)],
+    ("fp32", 256, True): [(16, 16, 4, 1), (16, 32, 8, 1)],
 }
 
 # Under TRITON_INTERPRET=1 there is nothing to tune and every program costs numpy calls:
@@ -51,6 +61,11 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def configs_for(table, kind: str, block_d: int, featured: bool):
+    """The table entries for one (operand kind, BLOCK_D, featured) class."""
+    return table[(kind, max(32, block_d), bool(featured))]
+
+
 def _configs_from(table):
     seen, out = set(), []
     for entries in table.values():
@@ -61,24 +76,28 @@ def _configs_from(table):
     return out
 
 
-def prune_for(table, q_arg: str):
-    """An ``early_config_prune`` keeping only the table entries for this (kind, BLOCK_D)."""
+FEATURE_FLAGS = ("HAS_BIAS", "IS_DROPOUT", "BIAS_GRAD")
+
+
+def _prune_for(table):
+    """An ``early_config_prune`` keeping only the entries of this launch's class."""
     def prune(configs, named_args, **kwargs):
-        kind = operand_kind(named_args[q_arg].dtype)
-        want = set(table[(kind, kwargs["BLOCK_D"])])
+        kind = operand_kind(named_args["Q"].dtype)
+        featured = any(kwargs.get(flag, False) for flag in FEATURE_FLAGS)
+        want = set(configs_for(table, kind, kwargs["BLOCK_D"], featured))
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) in want]
         return kept or configs[:1]
     return prune
 
 
-def tuned(table, key, q_arg="Q", reset_to_zero=None):
+def tuned(table, key, reset_to_zero=None):
     """Autotune over ``table`` on a GPU; under the interpreter leave the kernel untuned."""
     def wrap(kernel):
         if interpreter_on():
             return kernel
         return triton.autotune(configs=_configs_from(table), key=key,
-                               prune_configs_by={"early_config_prune": prune_for(table, q_arg)},
+                               prune_configs_by={"early_config_prune": _prune_for(table)},
                                reset_to_zero=reset_to_zero)(kernel)
     return wrap
 
@@ -117,33 +136,25 @@ def store_tile(ptrs, value, rows, cols, n_rows, n_cols, EVEN_ROWS: tl.constexpr,
 
 
 @triton.jit
-def _uniform(x):
-    """Philox word -> float in [0, 1), exactly as ``tl.rand`` maps it."""
-    x = x.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, ~x, x)
-    return x.to(tl.float32) * 4.6566127342e-10
-
-
-@triton.jit
 def dropout_keep(seed, row0, rows, col0, M, dropout_p, BLOCK_C: tl.constexpr):
     """Dropout keep-mask (True = kept) of the score tile rows x [col0, col0 + BLOCK_C).
 
     The draw for score (b, h, i, j) is word j % 4 of Philox4x32-10(seed) at counter
-    ((b * H + h) * N + i) * cdiv(M, 4) + j // 4: one Philox evaluation serves four adjacent
-    keys, a quarter of the integer work and of the live state of drawing one word per score.
-    It depends only on (b, h, i, j), never on the tiling. ``row0`` = (b * H + h) * N as int64;
-    ``rows`` are query indices (1-D); ``col0`` must be a multiple of 4 (every BLOCK_N is).
-    Kept iff u >= p, so p = 0 keeps everything.
+    ((b * H + h) * N + i) * cdiv(M, 4) + j // 4, mapped to [0, 1) as ``tl.rand`` does: one
+    Philox evaluation serves four adjacent keys, a quarter of the integer work and of the live
+    state of drawing one word per score. It depends only on (b, h, i, j), never on the tiling.
+    ``row0`` = (b * H + h) * N as int64; ``rows`` are query indices (1-D); ``col0`` must be a
+    multiple of 4 (every BLOCK_N is). Kept iff u >= p, so p = 0 keeps everything.
     """
     groups = col0 // 4 + tl.arange(0, BLOCK_C // 4)
     counter = (row0 + rows[:, None]) * ((M + 3) // 4) + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    k0 = (_uniform(r0) >= dropout_p).to(tl.int8)
-    k1 = (_uniform(r1) >= dropout_p).to(tl.int8)
-    k2 = (_uniform(r2) >= dropout_p).to(tl.int8)
-    k3 = (_uniform(r3) >= dropout_p).to(tl.int8)
-    # interleave(interleave(k0, k2), interleave(k1, k3))[4g + w] == k_w[g]
-    return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3)) != 0
+    # join(join(r0, r2), join(r1, r3))[g, b, a] is word 2b + a of group g: row-major reshape
+    # puts it at key 4g + 2b + a.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_C))
+    x = words.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * 4.6566127342e-10 >= dropout_p
 
 
 @triton.jit
@@ -205,15 +216,15 @@ def attn_fwd_kernel_jit(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if HAS_BIAS:
-        b_ptrs = (Bias + off_b * stride_bb + off_h * stride_bh + offs_m[:, None] * stride_bn
-                  + offs_n[None, :] * stride_bm)
+    # Scalar (int64) bases per (batch, head); tile offsets inside one head are int32 and are
+    # recomputed each step rather than carried as 64-bit pointer tensors through the loop.
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    b_base = Bias + off_b * stride_bb + off_h * stride_bh
     row0 = pid_bh.to(tl.int64) * N  # flat row index of (b, h, 0) in (B*H*N): lse and dropout
 
-    q = load_tile(q_ptrs, offs_m, offs_d, N, D, EVEN_N, EVEN_D)
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn
+                  + offs_d[None, :], offs_m, offs_d, N, D, EVEN_N, EVEN_D)
     qk_scale = sm_scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -222,10 +233,12 @@ def attn_fwd_kernel_jit(
 
     for start_n in range(0, M, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, offs_d, M, D, EVEN_M, EVEN_D)
+        k = load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, offs_d, M, D,
+                      EVEN_M, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_BIAS:
-            bias = load_tile(b_ptrs, offs_m, cols, N, M, EVEN_N, EVEN_M)
+            bias = load_tile(b_base + offs_m[:, None] * stride_bn + cols[None, :] * stride_bm,
+                             offs_m, cols, N, M, EVEN_N, EVEN_M)
             s += bias.to(tl.float32) * 1.4426950408889634
         if not EVEN_M:
             s = tl.where(cols[None, :] < M, s, float("-inf"))
@@ -241,13 +254,10 @@ def attn_fwd_kernel_jit(
         if IS_DROPOUT:
             # The normaliser l_i sums the un-dropped probabilities: dropout acts on softmax output.
             p = tl.where(dropout_keep(seed, row0, offs_m, start_n, M, dropout_p, BLOCK_N), p, 0.0)
-        v = load_tile(v_ptrs, cols, offs_d, M, D, EVEN_M, EVEN_D)
+        v = load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, offs_d, M, D,
+                      EVEN_M, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if HAS_BIAS:
-            b_ptrs += BLOCK_N * stride_bm
 
     inv_l = 1.0 / l_i
     if IS_DROPOUT:
