@@ -157,6 +157,14 @@ def test_large_norm_inputs(norm, dtype, cpu_path):
         assert torch.isnan(literal).any()
 
 
+def test_empty_batch(cpu_path):
+    q, k, v, proj = make_inputs(0, 2, 5, 16, 16, 16, torch.float32)
+    out = performer_attention(q, k, v, proj)
+    assert out.shape == (0, 2, 5, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
 def test_paths_agree_and_batches_are_independent():
     if not HAS_EXT:
         pytest.skip("vitkern._C was built without the performer kernels")
@@ -221,6 +229,8 @@ BAD = [
     ("head_dim mismatch", dict(k=torch.randn(2, 3, 7, 8)), ValueError, "k of shape"),
     ("length mismatch", dict(v=torch.randn(2, 3, 6, 16)), ValueError, "v of shape .* length"),
     ("batch mismatch", dict(v=torch.randn(1, 3, 7, 16)), ValueError, "v of shape .* batch"),
+    ("no tokens", dict(q=torch.randn(2, 3, 0, 16), k=torch.randn(2, 3, 0, 16),
+                       v=torch.randn(2, 3, 0, 16)), ValueError, "no tokens"),
     ("projection width", dict(projection=torch.randn(16, 12)), ValueError,
      "projection of shape .* width 16"),
     ("projection rank", dict(projection=torch.randn(16)), ValueError, "projection must be 2-D"),

@@ -156,6 +156,9 @@ def _check_inputs(q, k, v, projection, eps, feature_eps) -> None:
         what = "batch, heads and length" if q.dim() == 4 else "batch and length"
         raise ValueError(f"{OP}: v of shape {tuple(v.shape)} must match q of shape "
                          f"{tuple(q.shape)} in {what}")
+    if q.shape[-2] == 0:
+        raise ValueError(f"{OP}: q, k and v have no tokens (shape {tuple(q.shape)}); attention "
+                         "over an empty key set is undefined")
     d = q.shape[-1]
     if projection.shape[1] != d:
         raise ValueError(f"{OP}: projection of shape {tuple(projection.shape)} must have width "
