@@ -181,9 +181,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor]
     bias: None or a tensor broadcastable to (B, H, N, M) with any strides (broadcast dims may be
     size 1, missing, or stride 0 via ``expand``); any float dtype of the three, added in fp32.
     scale: defaults to D ** -0.5.
-    dropout_p, seed: Philox dropout on the probabilities, drawn by ``tl.rand(seed, flat index
-    of (b, h, i, j))``; keep probability 1 - p, kept values scaled by 1 / (1 - p).
-    :func:`dropout_mask` returns the same mask. seed must be in [0, 2**63).
+    dropout_p, seed: dropout on the probabilities; keep probability 1 - p, kept values scaled
+    by 1 / (1 - p). The draw for score (b, h, i, j) is Philox4x32-10 keyed by ``seed`` at a
+    counter given by (b, h, i, j) alone (see ``attention_fwd.dropout_keep``), so the backward
+    redraws the same mask; :func:`dropout_mask` returns it. seed must be in [0, 2**63).
     out: optional (B, H, N, D) strided view of q's dtype to write into, e.g. a (B, N, H, D)
     buffer ``.transpose(1, 2)`` so the result is already laid out for the proj Linear;
     if None, one is allocated (B, N, H, D)-backed.
@@ -382,7 +383,7 @@ def dropout_mask(seed: int, B: int, H: int, N: int, M: int, p: float, device) ->
 # Ahead-of-time compile coverage
 # ---------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-AOT_HEAD_DIMS = (32, 64, 128)
+AOT_HEAD_DIMS = (32, 64, 128, 256)
 
 
 def _base_fn(kernel):
@@ -464,7 +465,8 @@ def _class_flags(kernel, featured: bool, precision: str) -> dict:
 
 
 def aot_specs(head_dims=AOT_HEAD_DIMS, dtypes=KERNEL_DTYPES) -> List["KernelSpec"]:  # noqa: F821
-    """Every autotune config of the three attention kernels for ``head_dims`` x ``dtypes``, each
+    """Every autotune config of the three attention kernels for ``head_dims`` x ``dtypes`` (BLOCK_D
+    16 shares the 32 configs, a lighter tile, and is not compiled separately), each
     compiled at the heaviest variant of its class (see :func:`_class_flags`) with masked
     sequence edges; plus a tf32 variant per kernel and the two small helper kernels. The
     heaviest variant has the highest register pressure of its class, so 0 spills there bounds

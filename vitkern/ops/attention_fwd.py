@@ -35,8 +35,8 @@ FWD_CONFIGS = {
     ("half", 64, True): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("half", 128, False): [(64, 64, 4, 3), (128, 32, 8, 2)],
     ("half", 128, True): [(64, 64, 8, 2), (128, 32, 8, 2)],
-    ("half", 256, False): [(64, 32, 4, 2), (64, 64, 8, 2)],
-    ("half", 256, True): [(64, 32, 4, 2), (64, 64, 8, 2)],
+    ("half", 256, False): [(64, 64, 8, 2), (64, 32, 8, 2)],
+    ("half", 256, True): [(64, 64, 8, 2), (64, 32, 8, 2)],
     ("fp32", 32, False): [(32, 32, 4, 2), (64, 32, 8, 2)],
     ("fp32", 32, True): [(32, 32, 4, 2), (64, 32, 8, 2)],
     ("fp32", 64, False): [(32, 32, 8, 2), (64, 32, 8, 2)],
@@ -243,12 +243,14 @@ def attn_fwd_kernel_jit(
         if not EVEN_M:
             s = tl.where(cols[None, :] < M, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
         if HAS_BIAS:
-            # A bias of -inf over a whole key block leaves m_new = -inf; shift by 0 instead so
-            # exp2 gives 0 rather than NaN (later blocks still rescale correctly).
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            # While a row has seen only -inf scores (a bias of -inf over whole key blocks),
+            # shift by 0 instead of -inf so exp2 gives 0 rather than NaN; the running max itself
+            # stays -inf, so the first finite block sets the real shift.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if IS_DROPOUT:
