@@ -174,7 +174,7 @@ ALL_PEERS = ("vitkern", "timm_fused", "timm_eager", "timm", "reference")
 @pytest.mark.parametrize("peer", ALL_PEERS)
 @pytest.mark.parametrize("shape,batch", CPU_CASES, ids=[f"{s}-B{b}" for s, b in CPU_CASES])
 def test_cpu_fp32_block_attention(benchmark, shape, batch, peer, mode):
-    _bench(benchmark, shape, batch, peer, mode, "cpu", torch.float32, rounds=3 if batch > 1 else 5)
+    _bench(benchmark, shape, batch, peer, mode, "cpu", torch.float32, rounds=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton path needs a GPU")
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=list(SHAPES), action="append")
     p.add_argument("--mode", choices=("fwd", "fwdbwd"), action="append")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--noise", action="store_true",
+                   help="add vitkern_copy, a second identical vitkern path: its ratio shows the noise floor")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
@@ -221,9 +223,13 @@ def main(argv=None) -> int:
     for shape in args.shape or ["swin_t_s1"]:
         res, dim = SHAPES[shape][0], SHAPES[shape][1]
         paths = build_paths(shape)
+        names = list(peers_for(shape))
+        if args.noise:
+            paths["vitkern_copy"] = build_paths(shape)["vitkern"]
+            names.append("vitkern_copy")
         x = torch.randn(args.batch, res, res, dim)
         for mode in args.mode or ["fwd", "fwdbwd"]:
-            steps = {n: make_step(paths[n], x, mode) for n in peers_for(shape)}
+            steps = {n: make_step(paths[n], x, mode) for n in names}
             times = interleaved_times(steps, args.repeats)
             med = {n: statistics.median(t) for n, t in times.items()}
             mem = {n: (None if args.no_memory else peak_bytes(s)) for n, s in steps.items()}

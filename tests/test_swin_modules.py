@@ -215,3 +215,22 @@ def test_without_extension_in_a_fresh_process():
     env = dict(os.environ, VITKERN_DISABLE_EXT="1")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_retain_graph_needs_qkv_grad_in_place_off():
+    """The blocks overwrite their internal qkv with its gradient; a second backward through the
+    same graph is refused (not silently wrong) unless qkv_grad_in_place is turned off."""
+    if not cpu_wa.has_kernel():
+        pytest.skip("C++ kernel not built (test_window_attention_op.py::test_cpp_kernel_is_built says why)")
+    _, ours = _pair_of_blocks(False, dtype=torch.float32, dim=16, input_resolution=(8, 8), num_heads=2,
+                              window_size=4, shift_size=2)
+    x = torch.randn(1, 8, 8, 16, requires_grad=True)
+    y = ours(x).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.backward()
+    ours.qkv_grad_in_place = False
+    y = ours(x).sum()
+    (g1,) = torch.autograd.grad(y, [x], retain_graph=True)
+    (g2,) = torch.autograd.grad(y, [x])
+    assert torch.equal(g1, g2)

@@ -242,6 +242,9 @@ class SwinTransformerBlock(_WindowBlockMixin, nn.Module):
         self.window_area = self.window_size[0] * self.window_size[1]
         self.mlp_ratio = mlp_ratio
         self.backend = backend
+        # the backward overwrites the block's internal qkv with its gradient (one qkv-sized
+        # buffer less); set False to backpropagate the same graph twice (retain_graph=True)
+        self.qkv_grad_in_place = True
 
         self.norm1 = norm_layer(dim, **dd)
         self.attn = WindowAttention(dim, num_heads=num_heads, head_dim=head_dim, window_size=self.window_size,
@@ -267,7 +270,8 @@ class SwinTransformerBlock(_WindowBlockMixin, nn.Module):
         qkv = F.linear(x, a.qkv.weight)
         out = window_attention(qkv, a.num_heads, self.window_size, self.shift_size,
                                bias_table=_as(a.relative_position_bias_table, qkv), qkv_bias=_as(a.qkv.bias, qkv),
-                               scale=a.scale, backend=self.backend, qkv_grad_in_place=True)
+                               scale=a.scale, backend=self.backend,
+                               qkv_grad_in_place=self.qkv_grad_in_place)
         return a.proj_drop(a.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,9 @@ class SwinTransformerV2Block(_WindowBlockMixin, nn.Module):
         self.window_area = self.window_size[0] * self.window_size[1]
         self.mlp_ratio = mlp_ratio
         self.backend = backend
+        # the backward overwrites the block's internal qkv with its gradient (one qkv-sized
+        # buffer less); set False to backpropagate the same graph twice (retain_graph=True)
+        self.qkv_grad_in_place = True
 
         self.attn = WindowAttentionV2(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
                                       attn_drop=attn_drop, proj_drop=proj_drop,
@@ -120,7 +123,7 @@ class SwinTransformerV2Block(_WindowBlockMixin, nn.Module):
         out = window_attention(qkv, a.num_heads, self.window_size, self.shift_size,
                                bias_table=_as(a.bias_table(), qkv), qkv_bias=_as(a.qkv_bias(), qkv),
                                logit_scale=_as(a.logit_scale, qkv), backend=self.backend,
-                               qkv_grad_in_place=True)
+                               qkv_grad_in_place=self.qkv_grad_in_place)
         return a.proj_drop(a.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
