@@ -265,6 +265,16 @@ def test_bad_inputs(name, override, exc, match):
         performer_attention(**args)
 
 
+def test_projection_rechecked_after_in_place_change():
+    # finiteness is cached per (storage, version): an in-place edit is seen
+    q = torch.randn(1, 5, 16)
+    proj = torch.randn(16, 16)
+    performer_attention(q, q, q, proj)
+    proj[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="projection contains NaN or Inf"):
+        performer_attention(q, q, q, proj)
+
+
 @pytest.mark.skipif(INTERPRET, reason="checks the message given when the interpreter is off")
 def test_triton_on_cpu_needs_the_interpreter():
     q = torch.randn(1, 5, 16)

@@ -175,9 +175,25 @@ def _check_inputs(q, k, v, projection, eps, feature_eps) -> None:
             raise TypeError(f"{OP}: {name} must be a float, got {type(val).__name__}")
         if not (math.isfinite(val) and val >= 0.0):
             raise ValueError(f"{OP}: {name} must be finite and >= 0, got {val}")
-    # A data-dependent check: skipped while torch.compile traces (it would break the graph).
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(projection).all()):
+    if not torch.compiler.is_compiling():  # data-dependent: it would break a compiled graph
+        _check_finite_projection(projection)
+
+
+# The projection is usually a frozen buffer: its finiteness is checked once per (storage,
+# version) rather than on every call, which on CUDA would be a device sync per forward.
+_FINITE_SEEN: "dict[tuple, None]" = {}
+
+
+def _check_finite_projection(projection: Tensor) -> None:
+    key = (projection.data_ptr(), projection._version, tuple(projection.shape),
+           tuple(projection.stride()), projection.dtype, projection.device)
+    if key in _FINITE_SEEN:
+        return
+    if not bool(torch.isfinite(projection).all()):
         raise ValueError(f"{OP}: projection contains NaN or Inf")
+    if len(_FINITE_SEEN) >= 64:
+        _FINITE_SEEN.pop(next(iter(_FINITE_SEEN)))
+    _FINITE_SEEN[key] = None
 
 
 # --------------------------------------------------------------------------- public op
