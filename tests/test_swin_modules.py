@@ -234,3 +234,20 @@ def test_retain_graph_needs_qkv_grad_in_place_off():
     (g1,) = torch.autograd.grad(y, [x], retain_graph=True)
     (g2,) = torch.autograd.grad(y, [x])
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_block_under_torch_compile(cpu_impl, v2):
+    cls = SwinTransformerV2Block if v2 else SwinTransformerBlock
+    blk = cls(16, (9, 9), num_heads=2, window_size=4, shift_size=2)
+    _randomize_(blk)
+    x = torch.randn(2, 9, 9, 16, requires_grad=True)
+    params = [x] + list(blk.parameters())
+    y = blk(x)
+    g = torch.autograd.grad(y.square().sum(), params)
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    yc = compiled(x)
+    gc = torch.autograd.grad(yc.square().sum(), params)
+    assert_close(yc, y.detach().double(), tol=1e-5)
+    for a, b in zip(gc, g):
+        assert_close(a, b.double(), tol=1e-5)

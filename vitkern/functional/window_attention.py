@@ -311,10 +311,12 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: IntOrPair, shift_
         # without the extension the composition runs under autograd directly (no recompute)
         return _cpu.window_attention_composite(qkv, num_heads, win, shift, bias_table, pad_qkv, scale, logit_scale,
                                                pad_on_tokens=on_tokens)
-    in_place = qkv_grad_in_place and qkv.grad_fn is not None  # never overwrite a leaf
+    # never overwrite a leaf; under torch.compile functionalization would copy qkv anyway
+    compiling = torch.compiler.is_compiling()
+    in_place = qkv_grad_in_place and not compiling and qkv.requires_grad and not qkv.is_leaf
     args = (qkv, bias_table, pad_qkv, logit_scale, num_heads, list(win), list(shift), scale, chosen,
             deterministic, allow_tf32, in_place, on_tokens)
-    if not torch.compiler.is_compiling() and not _needs_autograd(qkv, bias_table, pad_qkv, logit_scale):
+    if not compiling and not _needs_autograd(qkv, bias_table, pad_qkv, logit_scale):
         # inference: skip the custom-op dispatch (tens of microseconds per call)
         return _fwd_impl(*args)[0]
     return _window_attention_fwd(*args)[0]
