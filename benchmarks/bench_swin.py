@@ -163,8 +163,8 @@ def _bench(benchmark, shape, batch, peer, mode, device, dtype, rounds):
     benchmark.group = f"{device} {str(dtype).replace('torch.', '')} {shape} B={batch} {mode}"
     benchmark.extra_info.update(shape=shape, batch=batch, resolution=res, dim=dim, heads=heads, window=window,
                                 shift=shift, swin_v2=v2, peer=peer, mode=mode, threads=torch.get_num_threads(),
-                                peak_bytes=peak_bytes(step, device))
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+                                peak_bytes=peak_bytes(step, device))  # also the warm-up
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
 ALL_PEERS = ("vitkern", "timm_fused", "timm_eager", "timm", "reference")

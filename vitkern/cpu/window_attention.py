@@ -55,6 +55,7 @@ def forward(qkv: Tensor, num_heads: int, window_size: Pair, shift_size: Pair, bi
             pad_on_tokens: bool = False) -> Tuple[Tensor, Tensor]:
     """(out (B, H, W, C), lse) from the C++ kernel. ``scale`` must be resolved (not None).
     ``pad_on_tokens``: ``pad_qkv`` is the qkv Linear's bias, also added to every token."""
+    _backend.extension_loaded()  # importing vitkern._C registers the operators
     return torch.ops.vitkern_cpu.window_attention_fwd(
         qkv, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
         shift_size[0], shift_size[1], float(scale), bool(pad_on_tokens))
@@ -69,6 +70,7 @@ def backward(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, window_size
     want_table = bool(needs[1]) and bias_table is not None
     want_pad = bool(needs[2]) and pad_qkv is not None
     want_logit = bool(needs[3]) and logit_scale is not None
+    _backend.extension_loaded()
     dqkv, dtable, dpad, dlogit = torch.ops.vitkern_cpu.window_attention_bwd(
         dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
         shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit, bool(pad_on_tokens))
@@ -85,6 +87,7 @@ def backward_in_place(dout: Tensor, qkv: Tensor, lse: Tensor, num_heads: int, wi
     want_table = bool(needs[1]) and bias_table is not None
     want_pad = bool(needs[2]) and pad_qkv is not None
     want_logit = bool(needs[3]) and logit_scale is not None
+    _backend.extension_loaded()
     dtable, dpad, dlogit = torch.ops.vitkern_cpu.window_attention_bwd_(
         dout, qkv, lse, bias_table, pad_qkv, logit_scale, num_heads, window_size[0], window_size[1],
         shift_size[0], shift_size[1], float(scale), want_table, want_pad, want_logit, bool(pad_on_tokens))
