@@ -176,6 +176,51 @@ def test_qkv_bias_fused_into_the_op(impl, variant, size, dtype):
         assert_close(g, rg, dtype, what=name)
 
 
+@pytest.mark.parametrize("variant,on_tokens", [("v1", False), ("v2", False), ("v1", True), ("v2", True)])
+def test_custom_op_fallback_backward(monkeypatch, variant, on_tokens):
+    """Without the extension the custom op's backward is an explicit composition (autograd is
+    not available below the op): gradients match the reference."""
+    monkeypatch.setattr(cpu_wa, "has_kernel", lambda: False)
+    (qkv, table, pad, logit), ref_in = _inputs(2, 9, 11, 2, 8, 4, variant, F64, seed=5)
+    leaves = [t.requires_grad_() for t in (qkv, table, pad, logit) if t is not None]
+    out, _ = torch.ops.vitkern.window_attention_fwd(qkv, table, pad, logit, 2, [4, 4], [2, 1], 8 ** -0.5, "cpu",
+                                                    False, False, False, on_tokens)
+    dout = torch.randn_like(out)
+    q64 = ref_in[0] + ref_in[2] if on_tokens else ref_in[0]
+    ref = R.window_attention_from_qkv(q64, 2, 4, (2, 1), table, pad, 8 ** -0.5, logit)
+    assert_close(out, ref, F64)
+    for g, rg in zip(_grads(out, leaves, dout), _grads(ref, leaves, dout)):
+        assert_close(g, rg, F64)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_gradcheck_cpp_kernel(variant):
+    """Finite differences agree with the C++ backward (float64)."""
+    if not cpu_wa.has_kernel():
+        pytest.skip("C++ kernel not built (test_cpp_kernel_is_built says why)")
+    (qkv, table, pad, logit), _ = _inputs(1, 5, 6, 2, 4, (3, 4), variant, F64, seed=6)
+    leaves = [t.requires_grad_() for t in (qkv, table, pad, logit) if t is not None]
+
+    def fn(*args):
+        return vitkern.window_attention(args[0], 2, (3, 4), (1, 2), args[1], args[2],
+                                        logit_scale=args[3] if len(args) > 3 else None)
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_autograd_function_around_the_kernel():
+    if not cpu_wa.has_kernel():
+        pytest.skip("C++ kernel not built (test_cpp_kernel_is_built says why)")
+    (qkv, table, pad, _), ref_in = _inputs(2, 9, 8, 2, 8, 4, "v1", F64, seed=9)
+    leaves = [t.requires_grad_() for t in (qkv, table, pad)]
+    out, lse = cpu_wa.WindowAttentionFunction.apply(qkv, table, pad, None, 2, (4, 4), (2, 2), 8 ** -0.5)
+    ref = R.window_attention_from_qkv(qkv, 2, 4, 2, table, pad)
+    assert_close(out, ref, F64)
+    assert lse.shape == cpu_wa.lse_shape(qkv.shape, 2, (4, 4))
+    dout = torch.randn_like(out)
+    for g, rg in zip(_grads(out, leaves, dout), _grads(ref, leaves, dout)):
+        assert_close(g, rg, F64)
+
+
 def test_pad_qkv_q_part_gets_no_gradient():
     qkv = torch.randn(1, 9, 9, 24, dtype=F64)
     pad = torch.randn(24, dtype=F64, requires_grad=True)
