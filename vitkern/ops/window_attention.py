@@ -129,9 +129,6 @@ def _validate(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, logi
         raise ValueError(f"{OP}: shift_size {(sh, sw)} must satisfy 0 <= shift < window_size {(wh, ww)}")
     for name, t in (("bias_table", bias_table), ("pad_qkv", pad_qkv), ("logit_scale", logit_scale)):
         _check_optional(name, t)
-    reason = supports(qkv, num_heads, (wh, ww), (sh, sw), bias_table, pad_qkv, None, logit_scale)
-    if reason is not None:
-        raise ValueError(f"{OP}: {reason}")
     if bias_table is not None:
         want = ((2 * wh - 1) * (2 * ww - 1), num_heads)
         if tuple(bias_table.shape) != want:
@@ -142,6 +139,9 @@ def _validate(qkv, num_heads, window_size, shift_size, bias_table, pad_qkv, logi
                                     or tuple(logit_scale.shape) not in ((num_heads,), (num_heads, 1, 1))):
         raise ValueError(f"{OP}: logit_scale must have shape ({num_heads},) or ({num_heads}, 1, 1), "
                          f"got {tuple(logit_scale.shape)}")
+    reason = supports(qkv, num_heads, (wh, ww), (sh, sw), bias_table, pad_qkv, None, logit_scale)
+    if reason is not None:
+        raise ValueError(f"{OP}: {reason}")
     return B, H, W, C, C // num_heads, (wh, ww), (sh, sw)
 
 
@@ -210,11 +210,11 @@ def window_attention_forward(qkv: torch.Tensor, num_heads: int, window_size: Int
         bm, bn, _, _, _ = T.interpreter_config(configs)
         wpp = min(T.INTERPRETER_WINDOWS_PER_PROGRAM, n_windows)
         grid = (num_heads * _cdiv(area, bm) * _cdiv(n_windows, wpp), B)
-        K._window_attn_fwd[grid](*args, BLOCK_M=bm, BLOCK_N=bn, WINDOWS_PER_PROGRAM=wpp, **flags)
+        K._window_attn_fwd[grid](*args, wpp, BLOCK_M=bm, BLOCK_N=bn, **flags)
         return out, lse
 
     def grid(meta):
-        return (num_heads * _cdiv(area, meta["BLOCK_M"]) * _cdiv(n_windows, meta["WINDOWS_PER_PROGRAM"]), B)
+        return (num_heads * _cdiv(area, meta["BLOCK_M"]) * _cdiv(n_windows, meta["windows_per_program"]), B)
 
     T.fwd_tuner(configs)[grid](*args, **flags)
     return out, lse
@@ -319,8 +319,8 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
                dout.stride(0), dout.stride(1), dout.stride(2),
                *lse.stride(),
                dqkv.stride(0), dqkv.stride(1), dqkv.stride(2))
-    sizes = (H, W, n_win_w, n_windows, num_heads, sh, sw, float(hd ** -0.5 if scale is None else scale))
-    flags = dict(HEAD_DIM=hd, WH=wh, WW=ww, BLOCK_D=T.block_d(hd), WINDOWS_PER_PROGRAM=wpp,
+    sizes = (H, W, n_win_w, n_windows, num_heads, sh, sw, float(hd ** -0.5 if scale is None else scale), wpp)
+    flags = dict(HEAD_DIM=hd, WH=wh, WW=ww, BLOCK_D=T.block_d(hd),
                  HAS_BIAS=bias_table is not None, HAS_PAD=pad is not None, SHIFTED=(sh > 0 or sw > 0),
                  COSINE=cosine, DOT_PRECISION=_dot_precision(qkv.dtype, allow_tf32),
                  ALIGNED=_rows_aligned(qkv, pad, out, dout, dqkv))
@@ -438,12 +438,16 @@ def _spec(kernel_name: str, dtype, constexprs: dict, num_warps: int, num_stages:
     return KernelSpec(K.__name__, kernel_name, _signature(kernel, dtype, cx), cx, num_warps, num_stages, label)
 
 
-def aot_specs(dtypes=DTYPES, windows=((7, 7), (8, 8), (12, 12)), head_dims=(32,)) -> List:
-    """Every kernel at every config of :mod:`~vitkern.ops.window_attention_tiles` for each
-    (dtype, window, head_dim), all features on: bias table, padded tokens, shift, and SwinV2's
-    cosine attention for the 8x8 window (as SwinV2 uses it); the bias gradient atomic, plus its
-    deterministic variant at the first window. Rows 16-byte aligned, as the launchers find them
-    for contiguous tensors."""
+def aot_specs(dtypes=DTYPES, windows=((7, 7), (8, 8), (12, 12)), head_dims=(32,), full: bool = True) -> List:
+    """Kernel specs for ahead-of-time compile reports, all features on: bias table, padded tokens,
+    shift, and SwinV2's cosine attention for the 8x8 window (as SwinV2 uses it); rows 16-byte
+    aligned, as the launchers find them for contiguous tensors. The number of windows a program
+    walks is a runtime argument, so one compiled kernel serves every value.
+
+    ``full=True``: every compiled config of :mod:`~vitkern.ops.window_attention_tiles` for every
+    (dtype, window, head_dim), the bias gradient atomic and deterministic. ``full=False``: each
+    kernel once per (dtype, window, head_dim), the configs rotated over the windows so every
+    config still appears for every dtype, and the deterministic bias gradient once per dtype."""
     specs = []
     for dtype in dtypes:
         tname = _TORCH_TO_TRITON[dtype]
@@ -451,24 +455,31 @@ def aot_specs(dtypes=DTYPES, windows=((7, 7), (8, 8), (12, 12)), head_dims=(32,)
             area = wh * ww
             cosine = (wh, ww) == (8, 8)
             tiles = T.plan(dtype, area)
+
+            def pick(options):
+                options = list(options)
+                return options if full else [options[wi % len(options)]]
+
             for hd in head_dims:
                 base = dict(HEAD_DIM=hd, WH=wh, WW=ww, BLOCK_D=T.block_d(hd), HAS_BIAS=True, HAS_PAD=True,
                             SHIFTED=True, COSINE=cosine, DOT_PRECISION=_dot_precision(dtype, False), ALIGNED=True)
                 tag = f"{tname} w{wh}x{ww} d{hd}{' cos' if cosine else ''}"
-                for m, n, wpp, nw, ns in tiles.fwd_configs:
-                    specs.append(_spec("_window_attn_fwd", dtype,
-                                       dict(base, BLOCK_M=m, BLOCK_N=n, WINDOWS_PER_PROGRAM=wpp), nw, ns,
-                                       f"fwd {tag} {m}x{n} wpp{wpp}"))
-                for m, nw, ns in tiles.dkdv_configs:
+                for m, n, nw, ns in pick(dict.fromkeys((m, n, nw, ns) for m, n, _, nw, ns in tiles.fwd_configs)):
+                    specs.append(_spec("_window_attn_fwd", dtype, dict(base, BLOCK_M=m, BLOCK_N=n), nw, ns,
+                                       f"fwd {tag} {m}x{n}"))
+                for m, nw, ns in pick(tiles.dkdv_configs):
                     specs.append(_spec("_window_attn_bwd_dkdv", dtype,
-                                       dict(base, BLOCK_M=m, BLOCK_N=tiles.dkdv_keys, WINDOWS_PER_PROGRAM=4,
-                                            PAD_GRAD=True), nw, ns,
+                                       dict(base, BLOCK_M=m, BLOCK_N=tiles.dkdv_keys, PAD_GRAD=True), nw, ns,
                                        f"bwd_dkdv {tag} {tiles.dkdv_keys}x{m}"))
                 dq_m, dq_n = tiles.dq_tile
-                for nw, ns in tiles.dq_configs:
-                    for atomic in ((True, False) if wi == 0 else (True,)):
-                        specs.append(_spec("_window_attn_bwd_dq", dtype,
-                                           dict(base, BLOCK_M=dq_m, BLOCK_N=dq_n, WINDOWS_PER_PROGRAM=4,
-                                                BIAS_GRAD=True, ATOMIC_BIAS_GRAD=atomic), nw, ns,
-                                           f"bwd_dq {tag} {dq_m}x{dq_n} {'atomic' if atomic else 'determ.'}"))
+                variants = [(nw, ns, atomic) for nw, ns in tiles.dq_configs for atomic in (True, False)]
+                if not full:
+                    variants = [(nw, ns, True) for nw, ns in pick(tiles.dq_configs)]
+                    if wi == 0:
+                        variants.append((*tiles.dq_configs[-1], False))
+                for nw, ns, atomic in variants:
+                    specs.append(_spec("_window_attn_bwd_dq", dtype,
+                                       dict(base, BLOCK_M=dq_m, BLOCK_N=dq_n, BIAS_GRAD=True,
+                                            ATOMIC_BIAS_GRAD=atomic), nw, ns,
+                                       f"bwd_dq {tag} {dq_m}x{dq_n} {'atomic' if atomic else 'determ.'}"))
     return specs

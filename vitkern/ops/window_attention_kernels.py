@@ -189,10 +189,9 @@ def _window_attn_fwd(
     stride_tt, stride_th, stride_ls,
     stride_ob, stride_oh, stride_ow,
     stride_lb, stride_lh, stride_ly, stride_lx,
-    H, W, n_win_w, n_windows, n_heads, sh, sw, qk_scale,
+    H, W, n_win_w, n_windows, n_heads, sh, sw, qk_scale, windows_per_program,
     HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOWS_PER_PROGRAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, SHIFTED: tl.constexpr, COSINE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
@@ -204,9 +203,10 @@ def _window_attn_fwd(
     OUT: (B, H, W, C) attention output in image layout. LSE: (B, n_heads, H, W) fp32 natural
     log-sum-exp of each query's logits (saved for the backward).
 
-    Grid: (n_heads * cdiv(WH*WW, BLOCK_M) * cdiv(n_windows, WINDOWS_PER_PROGRAM), B); the head
+    Grid: (n_heads * cdiv(WH*WW, BLOCK_M) * cdiv(n_windows, windows_per_program), B); the head
     varies fastest so the programs of one window run together and share its qkv cache lines.
-    Each program walks WINDOWS_PER_PROGRAM windows. A window of at most BLOCK_M = BLOCK_N tokens
+    Each program walks ``windows_per_program`` windows (a runtime value: one
+    compiled kernel serves every choice). A window of at most BLOCK_M = BLOCK_N tokens
     is one tile (plain softmax, bias tile hoisted out of the window loop); larger windows loop
     over key blocks with an online softmax.
 
@@ -225,8 +225,8 @@ def _window_attn_fwd(
     rest = pid // n_heads
     mb = rest % N_MB
     group = rest // N_MB
-    w_start = group * WINDOWS_PER_PROGRAM
-    w_end = tl.minimum(w_start + WINDOWS_PER_PROGRAM, n_windows)
+    w_start = group * windows_per_program
+    w_end = tl.minimum(w_start + windows_per_program, n_windows)
     Hp = ((H + WH - 1) // WH) * WH
     Wp = ((W + WW - 1) // WW) * WW
     C = n_heads * HEAD_DIM
@@ -251,7 +251,7 @@ def _window_attn_fwd(
         rows_m = _row_ptrs(qkv_base, PAD, y_m, x_m, stride_qh, stride_qw, pad_m, HAS_PAD, ALIGNED)
         q = _load_head(rows_m, col_q, live_m, dmask, EVEN_D)
         if COSINE:
-            rq, _ = _inv_norm(q.to(tl.float32))
+            rq, q_norm_ok = _inv_norm(q.to(tl.float32))
         else:
             rq = 0.0
         if ONE_BLOCK:
@@ -259,10 +259,10 @@ def _window_attn_fwd(
             k = _load_head(rows_m, col_k, live_m, dmask, EVEN_D)
             v = _load_head(rows_m, col_v, live_m, dmask, EVEN_D)
             if COSINE:
-                rk, _ = _inv_norm(k.to(tl.float32))
+                rk, k_norm_ok = _inv_norm(k.to(tl.float32))
             else:
                 rk = 0.0
-            _, s = _logits(q, k, rq, rk, mult2, static_extra, reg_m, reg_m, COSINE, SHIFTED, DOT_PRECISION)
+            sim, s = _logits(q, k, rq, rk, mult2, static_extra, reg_m, reg_m, COSINE, SHIFTED, DOT_PRECISION)
             m_i = tl.max(s, axis=1)
             p = tl.exp2(s - m_i[:, None])
             l_i = tl.sum(p, axis=1)
@@ -279,11 +279,11 @@ def _window_attn_fwd(
                 k = _load_head(rows_n, col_k, live_n, dmask, EVEN_D)
                 v = _load_head(rows_n, col_v, live_n, dmask, EVEN_D)
                 if COSINE:
-                    rk, _ = _inv_norm(k.to(tl.float32))
+                    rk, k_norm_ok = _inv_norm(k.to(tl.float32))
                 else:
                     rk = 0.0
                 extra = _additive(TABLE, stride_tt, stride_th, h, pos_m, pos_n, HAS_BIAS, WH, WW)
-                _, s = _logits(q, k, rq, rk, mult2, extra, reg_m, reg_n, COSINE, SHIFTED, DOT_PRECISION)
+                sim, s = _logits(q, k, rq, rk, mult2, extra, reg_m, reg_n, COSINE, SHIFTED, DOT_PRECISION)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
@@ -383,10 +383,9 @@ def _window_attn_bwd_dkdv(
     stride_lb, stride_lh, stride_ly, stride_lx,
     stride_db, stride_dh, stride_dw,
     stride_pb, stride_pg, stride_pk,
-    H, W, n_win_w, n_windows, n_heads, sh, sw, qk_scale,
+    H, W, n_win_w, n_windows, n_heads, sh, sw, qk_scale, windows_per_program,
     HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOWS_PER_PROGRAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, SHIFTED: tl.constexpr, COSINE: tl.constexpr,
     PAD_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
@@ -398,7 +397,7 @@ def _window_attn_bwd_dkdv(
     for image tokens; DPAD[b, group, key block, {k, v}, C] (fp32, PAD_GRAD): padded tokens'
     dk / dv summed over the program's windows (reduced on the host).
 
-    Grid: (n_heads * cdiv(AREA, BLOCK_N) * cdiv(n_windows, WINDOWS_PER_PROGRAM), B). Per window
+    Grid: (n_heads * cdiv(AREA, BLOCK_N) * cdiv(n_windows, windows_per_program), B). Per window
     the program keeps its BLOCK_N keys and walks the query blocks of BLOCK_M, recomputing P from
     the saved log-sum-exp (delta = rowsum(dO * O) computed here). The tile is kept transposed
     (keys x queries) so the keys are the M side of all three dots (wgmma on sm_90 with 64 keys).
@@ -413,8 +412,8 @@ def _window_attn_bwd_dkdv(
     rest = pid // n_heads
     kb = rest % N_KB
     group = rest // N_KB
-    w_start = group * WINDOWS_PER_PROGRAM
-    w_end = tl.minimum(w_start + WINDOWS_PER_PROGRAM, n_windows)
+    w_start = group * windows_per_program
+    w_end = tl.minimum(w_start + windows_per_program, n_windows)
     Hp = ((H + WH - 1) // WH) * WH
     Wp = ((W + WW - 1) // WW) * WW
     C = n_heads * HEAD_DIM
@@ -463,7 +462,13 @@ def _window_attn_bwd_dkdv(
             dk = _normalize_grad(dk, kn_f, rk, big_k)
         drows = _rows(dqkv_base, y_n, x_n, stride_dh, stride_dw, ALIGNED)
         io_n = _io_mask(img_n, dmask, EVEN_D)
-        tl.store(drows[:, None] + col_k[None, :], dk.to(dqt), mask=io_n)
+        if COSINE:
+            # A padded key without a pad vector has norm 0: its dk is 1/eps-scaled (as
+            # F.normalize's gradient is) and only feeds DPAD; keep it out of the low-precision cast.
+            dk_out = tl.where(img_n[:, None], dk, 0.0).to(dqt)
+        else:
+            dk_out = dk.to(dqt)
+        tl.store(drows[:, None] + col_k[None, :], dk_out, mask=io_n)
         tl.store(drows[:, None] + col_v[None, :], dv.to(dqt), mask=io_n)
         if PAD_GRAD:
             dpad_k += tl.sum(tl.where(pad_n[:, None], dk, 0.0), axis=0)
@@ -486,10 +491,9 @@ def _window_attn_bwd_dq(
     stride_db, stride_dh, stride_dw,
     stride_bb, stride_bg,
     stride_zb, stride_zg, stride_zm,
-    H, W, n_win_w, n_windows, n_heads, sh, sw, qk_scale,
+    H, W, n_win_w, n_windows, n_heads, sh, sw, qk_scale, windows_per_program,
     HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOWS_PER_PROGRAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, SHIFTED: tl.constexpr, COSINE: tl.constexpr,
     BIAS_GRAD: tl.constexpr, ATOMIC_BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -503,9 +507,9 @@ def _window_attn_bwd_dq(
     every tile is atomically added into one (n_heads, AREA, AREA) map; otherwise each
     (b, group) owns a slot whose rows of this query block only this program touches, updated
     with plain read-add-writes (deterministic). DLOGIT[b, group, query block, h] (COSINE): sum of
-    dL/dlogits * cosine similarity.
+    dL/dlogits * cosine similarity (the logit scale's gradient up to its chain factor).
 
-    Grid: (n_heads * cdiv(AREA, BLOCK_M) * cdiv(n_windows, WINDOWS_PER_PROGRAM), B). Walks the
+    Grid: (n_heads * cdiv(AREA, BLOCK_M) * cdiv(n_windows, windows_per_program), B). Walks the
     window's key blocks recomputing P from the saved log-sum-exp, so dq needs no atomics.
     """
     AREA: tl.constexpr = WH * WW
@@ -518,8 +522,8 @@ def _window_attn_bwd_dq(
     rest = pid // n_heads
     mb = rest % N_MB
     group = rest // N_MB
-    w_start = group * WINDOWS_PER_PROGRAM
-    w_end = tl.minimum(w_start + WINDOWS_PER_PROGRAM, n_windows)
+    w_start = group * windows_per_program
+    w_end = tl.minimum(w_start + windows_per_program, n_windows)
     Hp = ((H + WH - 1) // WH) * WH
     Wp = ((W + WW - 1) // WW) * WW
     C = n_heads * HEAD_DIM
@@ -542,6 +546,13 @@ def _window_attn_bwd_dq(
             stride_qh, stride_qw, stride_ob, stride_oh, stride_ow, stride_gb, stride_gh, stride_gw,
             stride_lb, stride_lh, stride_ly, stride_lx, HAS_PAD, COSINE, EVEN_D, ALIGNED)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if COSINE:
+            # Per query: E_P[dP * sim], E_P[dP], E_P[sim]. The logit-scale gradient is
+            # sum_p (E_P[dP sim] - E_P[dP] E_P[sim]): delta taken exactly from the recomputed P
+            # rather than from the stored (rounded) output.
+            e_dp_sim = tl.zeros([BLOCK_M], tl.float32)
+            e_dp = tl.zeros([BLOCK_M], tl.float32)
+            e_sim = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, AREA, BLOCK_N):
             pos_n = start_n + tl.arange(0, BLOCK_N)
             y_n, x_n, img_n, pad_n, reg_n = _window_tokens(w, pos_n, n_win_w, H, W, Hp, Wp, sh, sw, WH, WW)
@@ -554,10 +565,14 @@ def _window_attn_bwd_dq(
             ds = p * (dp - delta[:, None])           # dL/dlogits
             dq += tl.dot((ds * mult).to(q.dtype), k_op, input_precision=DOT_PRECISION)
             if COSINE:
-                dlogit += tl.sum(ds * sim, axis=1)
+                p_dp = p * dp
+                e_dp_sim += tl.sum(p_dp * sim, axis=1)
+                e_dp += tl.sum(p_dp, axis=1)
+                e_sim += tl.sum(p * sim, axis=1)
             if BIAS_GRAD:
                 _flush_bias_grad(slot, ds, pos_m, pos_n, w == w_start, AREA, ATOMIC_BIAS_GRAD)
         if COSINE:
+            dlogit += e_dp_sim - e_dp * e_sim
             dq = _normalize_grad(dq, qn_f, rq, big_q)
         tl.store(_rows(DQKV + b * stride_db, y_m, x_m, stride_dh, stride_dw, ALIGNED)[:, None] + col_q[None, :],
                  dq.to(DQKV.dtype.element_ty), mask=_io_mask(img_m, dmask, EVEN_D))
