@@ -547,7 +547,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> performer_bwd(
 }
 
 // ----------------------------------------------------------------------------------------------
-// Dropout for TokenPerformer: one pass writes the output and the keep mask. The tensor is cut in
+// Dropout for TokenPerformer: one pass writes the output (plus an optional residual: both of the
+// layer's dropouts feed a residual add) and the keep mask. The tensor is cut in
 // blocks of kDropBlock elements; block b gets a 64-bit key splitmix64(seed + b), and element j of
 // the block keeps when the top 24 bits of fmix32(fmix32(j * phi ^ key_lo) + key_hi) (two rounds
 // of MurmurHash3's finalizer) are >= p * 2^24: probability 1 - p to within 2^-24, like a float
@@ -572,21 +573,59 @@ inline uint32_t fmix32(uint32_t h) {
 }
 
 template <typename scalar_t, typename acc_t>
-VK_CLONES void dropout_block(const scalar_t* x, scalar_t* out, bool* keep, int64_t n,
-                             uint64_t key, uint32_t threshold, acc_t scale) {
+VK_CLONES void dropout_block(const scalar_t* x, const scalar_t* res, scalar_t* out, bool* keep,
+                             int64_t n, uint64_t key, uint32_t threshold, acc_t scale) {
   const uint32_t lo = uint32_t(key), hi = uint32_t(key >> 32);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t h = fmix32(fmix32(uint32_t(j) * 0x9E3779B9u ^ lo) + hi);
     const bool k = (h >> 8) >= threshold;
     keep[j] = k;
-    out[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) * (k ? scale : acc_t(0)));
+    const acc_t r = res ? static_cast<acc_t>(res[j]) : acc_t(0);
+    out[j] = static_cast<scalar_t>(r + static_cast<acc_t>(x[j]) * (k ? scale : acc_t(0)));
   }
 }
 
-std::tuple<Tensor, Tensor> performer_dropout(const Tensor& x, double p, int64_t seed) {
+template <typename scalar_t, typename acc_t>
+VK_CLONES void dropout_grad_block(const scalar_t* g, const bool* keep, scalar_t* out, int64_t n,
+                                  acc_t scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * (keep[j] ? scale : acc_t(0)));
+}
+
+// Backward of performer_dropout: grad * keep / (1 - p) in one pass.
+Tensor performer_dropout_bwd(const Tensor& grad, const Tensor& keep, double p) {
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.sizes() == grad.sizes(),
+              "performer_dropout_bwd: keep must be a bool mask of grad's shape");
+  const Tensor gc = grad.contiguous(), kc = keep.contiguous();
+  Tensor out = at::empty_like(gc);
+  const int64_t n = gc.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "performer_dropout_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* pg = gc.data_ptr<scalar_t>();
+    const bool* pk = kc.data_ptr<bool>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const acc_t scale = acc_t(1.0 / (1.0 - p));
+    at::parallel_for(0, (n + kDropBlock - 1) / kDropBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t begin = b * kDropBlock, len = std::min(n - begin, kDropBlock);
+        dropout_grad_block<scalar_t, acc_t>(pg + begin, pk + begin, po + begin, len, scale);
+      }
+    });
+  });
+  return out;
+}
+
+// residual + dropout(x) and the keep mask (the residual is optional).
+std::tuple<Tensor, Tensor> performer_dropout(const Tensor& x, double p, int64_t seed,
+                                             const c10::optional<Tensor>& residual) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "performer_dropout: p must be in [0, 1)");
+  const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_res || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
+              "performer_dropout: residual must match x in shape and dtype");
   const Tensor xc = x.contiguous();
+  const Tensor rc = has_res ? residual->contiguous() : Tensor();
   Tensor out = at::empty_like(xc);
   Tensor keep = at::empty(xc.sizes(), xc.options().dtype(at::kBool));
   const int64_t n = xc.numel();
@@ -594,14 +633,16 @@ std::tuple<Tensor, Tensor> performer_dropout(const Tensor& x, double p, int64_t 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "performer_dropout", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* px = xc.data_ptr<scalar_t>();
+    const scalar_t* pr = has_res ? rc.data_ptr<scalar_t>() : nullptr;
     scalar_t* po = out.data_ptr<scalar_t>();
     bool* pk = keep.data_ptr<bool>();
     const acc_t scale = acc_t(1.0 / (1.0 - p));
     at::parallel_for(0, (n + kDropBlock - 1) / kDropBlock, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * kDropBlock, len = std::min(n - begin, kDropBlock);
-        dropout_block<scalar_t, acc_t>(px + begin, po + begin, pk + begin, len,
-                                       splitmix64(uint64_t(seed) + uint64_t(b)), threshold, scale);
+        dropout_block<scalar_t, acc_t>(px + begin, pr ? pr + begin : nullptr, po + begin,
+                                       pk + begin, len, splitmix64(uint64_t(seed) + uint64_t(b)),
+                                       threshold, scale);
       }
     });
   });
@@ -617,11 +658,13 @@ TORCH_LIBRARY_FRAGMENT(vitkern_cpu, m) {
   m.def("performer_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor projection, "
         "Tensor? out_weight, Tensor rden, Tensor c_k, Tensor kv1, float feature_eps, "
         "bool need_dw, bool need_dout_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("performer_dropout(Tensor x, float p, int seed) -> (Tensor, Tensor)");
+  m.def("performer_dropout(Tensor x, float p, int seed, Tensor? residual) -> (Tensor, Tensor)");
+  m.def("performer_dropout_bwd(Tensor grad, Tensor keep, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vitkern_cpu, CPU, m) {
   m.impl("performer_fwd", &performer_fwd);
   m.impl("performer_bwd", &performer_bwd);
   m.impl("performer_dropout", &performer_dropout);
+  m.impl("performer_dropout_bwd", &performer_dropout_bwd);
 }

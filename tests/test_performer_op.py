@@ -372,6 +372,15 @@ def test_performer_dropout():
     assert performer_dropout(x, 0.1, False) is x and performer_dropout(x, 0.0, True) is x
     other = performer_dropout(x.detach(), 0.1, True) != 0  # a fresh draw
     assert not torch.equal(other, keep)
+    # with a residual: residual + dropout(x), gradient passes to the residual unchanged
+    for res in (torch.randn(300, 400, dtype=torch.float64),
+                torch.randn(400, 300, dtype=torch.float64).t()):
+        res.requires_grad_()
+        torch.manual_seed(5)
+        fused = performer_dropout(x.detach(), 0.1, True, residual=res)
+        assert_close(fused, res + out.detach(), tol=1e-15)
+        fused.sum().backward()
+        assert torch.equal(res.grad, torch.ones_like(res))
     # neighbouring elements are not correlated
     k = keep.flatten().double()
     corr = torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()

@@ -289,29 +289,40 @@ def performer_attention_proj(q: Tensor, k: Tensor, v: Tensor, projection: Tensor
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, p):
+    def forward(ctx, x, p, residual):
         seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
-        out, keep = torch.ops.vitkern_cpu.performer_dropout(x, p, seed)
+        out, keep = torch.ops.vitkern_cpu.performer_dropout(x, p, seed, residual)
         ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
+        ctx.p = p
+        ctx.has_residual = residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None
+        if _backend.has_cpu_op("performer_dropout_bwd"):
+            dx = torch.ops.vitkern_cpu.performer_dropout_bwd(grad, keep, ctx.p)
+        else:
+            dx = torch.where(keep, grad, 0.0).mul_(1.0 / (1.0 - ctx.p))
+        return dx, None, (grad if ctx.has_residual else None)
 
 
-def performer_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """``F.dropout(x, p, training)`` with a faster mask on CPU when the C++ extension is built:
-    one pass draws the mask (a counter-based hash seeded from torch's generator, so
-    ``torch.manual_seed`` reproduces it) and writes the output; backward keeps a bool mask.
-    The masks differ from ``F.dropout``'s draws; the distribution is the same (keep with
-    probability ``1 - p``, to within 2**-24, scaled by ``1 / (1 - p)``). Elsewhere (CUDA,
-    no extension, ``p`` outside [0, 1), or while torch.compile traces) it is ``F.dropout``."""
+def performer_dropout(x: Tensor, p: float, training: bool = True,
+                      residual: Optional[Tensor] = None) -> Tensor:
+    """``residual + F.dropout(x, p, training)`` (``residual`` optional), with a faster mask on
+    CPU when the C++ extension is built: one pass draws the mask (a counter-based hash seeded from
+    torch's generator, so ``torch.manual_seed`` reproduces it), applies it and adds the residual;
+    backward keeps a bool mask. The masks differ from ``F.dropout``'s draws; the distribution is
+    the same (keep with probability ``1 - p``, to within 2**-24, scaled by ``1 / (1 - p)``).
+    Elsewhere (CUDA, no extension, ``p`` outside (0, 1), a residual of another shape or dtype,
+    or while torch.compile traces) it is ``F.dropout`` and an add."""
     if not training or p == 0.0:
-        return x
+        return x if residual is None else residual + x
     if (x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling()
-            or not _backend.has_cpu_op("performer_dropout")):
-        return torch.nn.functional.dropout(x, p, training)
-    return _Dropout.apply(x, float(p))
+            or not _backend.has_cpu_op("performer_dropout")
+            or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype))):
+        out = torch.nn.functional.dropout(x, p, training)
+        return out if residual is None else residual + out
+    if residual is not None and not residual.is_contiguous():
+        return residual + _Dropout.apply(x, float(p), None)  # the fused add reads rows densely
+    return _Dropout.apply(x, float(p), residual)

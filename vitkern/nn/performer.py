@@ -148,7 +148,7 @@ class TokenPerformer(nn.Module):
         if self.training and self.dp.p > 0:
             z = performer_attention_proj(q, k, v, self.w, self.proj.weight, self.proj.bias,
                                          eps=self.epsilon, backend=self.backend)
-            return v + performer_dropout(z, self.dp.p, True)
+            return performer_dropout(z, self.dp.p, True, residual=v)
         return performer_attention_proj(q, k, v, self.w, self.proj.weight, self.proj.bias,
                                         residual=v, eps=self.epsilon, backend=self.backend)
 
@@ -172,7 +172,7 @@ class TokenPerformer(nn.Module):
         if not torch.is_grad_enabled() and not dropping and act.approximate == "none":
             return linear_fwd(linear_fwd(x, fc1.weight, fc1.bias, "gelu"), fc2.weight, fc2.bias,
                               residual=y)
-        return y + performer_dropout(linear(act(linear(x, fc1)), fc2), drop.p, self.training)
+        return performer_dropout(linear(act(linear(x, fc1)), fc2), drop.p, self.training, residual=y)
 
 
 class PerformerAttention(nn.Module):
