@@ -982,6 +982,7 @@ class _PerformerAttention(torch.autograd.Function):
         return out.squeeze(1) if single_head else out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q4, k4, v4, projection, kvn, stats = ctx.saved_tensors
         if ctx.single_head:
