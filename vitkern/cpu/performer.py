@@ -25,8 +25,15 @@ backward (Pq, Pk recomputed from Q, K; saved: r, c_k, KV1)
 The stabilizers are constants for autograd (exact for ``feature_eps = 0``, where the output does
 not depend on them; the defined semantics for ``feature_eps > 0``).
 
-Saved state between forward and backward (besides q, k, v, W): ``rden`` (rows, float32/64), ``c_k`` (batch-heads) and
-``kv1`` (batch-heads, m, e+1): O(N) + O(m e) per batch-head instead of the O(N m) feature maps.
+Saved state between forward and backward (besides q, k, v, W): ``rden`` (rows, float32/64),
+``c_k`` (batch-heads) and ``kv1`` (batch-heads, m, e+1): O(N) + O(m e) per batch-head instead of
+the O(N m) feature maps.
+
+Optional output Linear (single head, for TokenPerformer): ``y W_out^T = r Pq (KV W_out^T)``, so
+it folds into the key summary (``M = KV W_out^T``); bias and residual are added in the epilogue.
+Backward: ``A = G M^T``, ``dM = (r Pq)^T G``, ``dKV = dM W_out``, ``dW_out = sum dM^T KV``.
+
+:func:`linear_fwd` runs TokenPerformer's other Linear layers with their epilogues fused (below).
 """
 from __future__ import annotations
 
