@@ -505,14 +505,16 @@ def aot_specs(head_dims=AOT_HEAD_DIMS, dtypes=KERNEL_DTYPES) -> List["KernelSpec
 # Compile report with the launch specialisation of aligned inputs
 # ---------------------------------------------------------------------------------------------
 COMPILE_REPORT_HEADER = """\
-# Ahead-of-time compile of the attention kernels (vitkern.ops.attention.aot_specs), produced by
-# tests/test_attention_triton.py::test_every_kernel_config_compiles_without_spills.
-# Every autotune config for head_dim 32/64/128 x fp16/bf16/fp32 (+ tf32 and the two helper
-# kernels), compiled for sm_80 and sm_90 with the specialisation Triton's launcher gives aligned
-# inputs (16-byte aligned pointers, strides divisible by 16, unit bias key stride) and every
-# feature on (bias, bias gradient, dropout, atomic dQ, masked sequence edges).
+# Ahead-of-time compile of the attention kernels (vitkern.ops.attention.aot_specs), written by
+# VITKERN_AOT_FULL=1 pytest tests/test_attention_triton.py -k compile (TRITON_INTERPRET=1).
+# Every autotune config of the forward, dK/dV and dQ kernels for head_dim 32/64/128/256 x
+# fp16/bf16/fp32, plus tf32 variants and the two helper kernels, compiled for sm_80 and sm_90
+# with the specialisation Triton's launcher gives aligned inputs (16-byte aligned pointers,
+# strides divisible by 16, unit bias key stride). Each config is compiled at the heaviest
+# variant of its class: plain = no bias/dropout (dK/dV with the atomic dQ update), +feat = bias,
+# bias gradient and dropout all on; sequence edges masked (N, M not multiples of the tiles).
 # regs = registers/thread, spill = spill stores/loads in bytes, smem = shared memory bytes,
-# tc = tensor-core instruction in the PTX (mma.sync on sm_80, wgmma on sm_90).
+# tc = tensor-core instruction in the PTX (mma = mma.sync, wgmma = Hopper warpgroup MMA).
 """
 
 
