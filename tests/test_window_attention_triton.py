@@ -15,7 +15,7 @@ import torch
 
 from vitkern.ops import window_attention as wa
 from vitkern.reference.swin import window_attention_from_qkv
-from vitkern.testing import TOLERANCE, assert_close, case_id, pairwise, poison_outputs, rel_err
+from vitkern.testing import TF32_TOLERANCE, TOLERANCE, assert_close, case_id, pairwise, poison_outputs
 
 from conftest import requires_interpreter
 
@@ -162,8 +162,9 @@ def test_forward_and_gradients_match_float64_reference(case):
 @pytest.mark.parametrize("case", [
     dict(geometry="w7s3-14x14", dtype="fp16", variant="v1", bias=True, pad=False, heads=(2, 16), batch=1),
     dict(geometry="w7s0-7x7", dtype="bf16", variant="v2", bias=True, pad=True, heads=(6, 32), batch=1),
+    dict(geometry="w8s4-17x10", dtype="fp16", variant="v1", bias=True, pad=True, heads=(1, 40), batch=1),
 ], ids=case_id)
-def test_head_dim_16_and_six_heads(case):
+def test_head_dims_16_40_and_six_heads(case):
     test_forward_and_gradients_match_float64_reference(case)
 
 
@@ -237,6 +238,9 @@ def test_forward_launcher_saves_natural_log_sum_exp_and_takes_strided_qkv():
     lse_image = window_reverse(lse_windows, win, Hp, Wp)[:, :H, :W]
     lse_ref = torch.roll(lse_image, shift, (1, 2)).permute(0, 3, 1, 2)
     assert_close(lse, lse_ref, tol=TOLERANCE[torch.float32], what="lse")
+    # tf32 dots are opt-in for fp32 inputs (the interpreter still multiplies in fp32)
+    out32, _ = wa.window_attention_forward(qkv, heads, win, shift, allow_tf32=True)
+    assert_close(out32, ref, tol=TF32_TOLERANCE, what="tf32 output")
 
 
 # ------------------------------------------------------------------------------ checks

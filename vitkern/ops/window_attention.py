@@ -205,7 +205,7 @@ def window_attention_forward(qkv: torch.Tensor, num_heads: int, window_size: Int
     flags = dict(HEAD_DIM=hd, WH=wh, WW=ww, BLOCK_D=T.block_d(hd), HAS_BIAS=bias_table is not None,
                  HAS_PAD=pad is not None, SHIFTED=(sh > 0 or sw > 0), COSINE=logit is not None,
                  DOT_PRECISION=_dot_precision(qkv.dtype, allow_tf32), ALIGNED=_rows_aligned(qkv, pad, out))
-    configs = T.plan(qkv.dtype, area).fwd_configs
+    configs = T.plan(qkv.dtype, area, T.block_d(hd)).fwd_configs
     if interpreter_on():
         bm, bn, _, _, _ = T.interpreter_config(configs)
         wpp = min(T.INTERPRETER_WINDOWS_PER_PROGRAM, n_windows)
@@ -290,7 +290,7 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     cosine = logit_scale is not None
     logit = logit_scale.detach().reshape(-1) if cosine else None
 
-    tiles = T.plan(qkv.dtype, area)
+    tiles = T.plan(qkv.dtype, area, T.block_d(hd))
     n_kb = _cdiv(area, tiles.dkdv_keys)
     dq_m, dq_n = tiles.dq_tile
     n_mb = _cdiv(area, dq_m)
@@ -454,13 +454,13 @@ def aot_specs(dtypes=DTYPES, windows=((7, 7), (8, 8), (12, 12)), head_dims=(32,)
         for wi, (wh, ww) in enumerate(windows):
             area = wh * ww
             cosine = (wh, ww) == (8, 8)
-            tiles = T.plan(dtype, area)
 
             def pick(options):
                 options = list(options)
                 return options if full else [options[wi % len(options)]]
 
             for hd in head_dims:
+                tiles = T.plan(dtype, area, T.block_d(hd))
                 base = dict(HEAD_DIM=hd, WH=wh, WW=ww, BLOCK_D=T.block_d(hd), HAS_BIAS=True, HAS_PAD=True,
                             SHIFTED=True, COSINE=cosine, DOT_PRECISION=_dot_precision(dtype, False), ALIGNED=True)
                 tag = f"{tname} w{wh}x{ww} d{hd}{' cos' if cosine else ''}"

@@ -33,6 +33,10 @@ HALF_FWD_ONE_TILE = [(1, 4, 2), (4, 4, 2), (8, 4, 2)]
 HALF_FWD_MULTI = [(64, 32, 1, 4, 2), (64, 32, 2, 4, 2), (128, 32, 1, 8, 2)]
 HALF_DKDV_KEYS = 64           # dk/dv kernel: keys per program (the M side of its dots: wgmma on sm_90)
 HALF_DKDV = [(32, 4, 1), (16, 4, 2)]    # (query step BLOCK_M, warps, stages)
+# Wider heads (BLOCK_D 64 / 128): accumulators and operands grow with the head dim.
+HALF_DKDV_WIDE = {64: (32, [(32, 4, 1)]), 128: (32, [(16, 4, 1)])}   # BLOCK_D: (keys, configs)
+HALF_FWD_MULTI_128 = [(64, 16, 1, 4, 2), (32, 32, 1, 4, 2)]
+HALF_DQ_TILE_128 = (32, 16)
 HALF_DQ_TILE = (64, 16)       # dq kernel: (queries per program, key step)
 HALF_DQ = [(4, 1), (4, 2)]    # (warps, stages)
 
@@ -72,8 +76,8 @@ class TilePlan:
     dq_configs: Tuple[Tuple[int, int], ...]
 
 
-def plan(dtype: torch.dtype, area: int) -> TilePlan:
-    """The tiles for windows of ``area`` tokens with qkv of ``dtype``."""
+def plan(dtype: torch.dtype, area: int, head_block: int = 32) -> TilePlan:
+    """The tiles for windows of ``area`` tokens with qkv of ``dtype`` and BLOCK_D ``head_block``."""
     full = _pow2_tile(area)
     if dtype == torch.float32:
         fwd = tuple((min(m, full), min(n, full), w, nw, ns) for m, n, w, nw, ns in FP32_FWD)
@@ -83,10 +87,13 @@ def plan(dtype: torch.dtype, area: int) -> TilePlan:
     if area <= ONE_TILE_MAX_AREA:
         fwd = tuple((full, full, w, nw, ns) for w, nw, ns in HALF_FWD_ONE_TILE)
     else:
-        fwd = tuple(HALF_FWD_MULTI)
-    return TilePlan(fwd, min(HALF_DKDV_KEYS, full),
-                    tuple((min(m, full), nw, ns) for m, nw, ns in HALF_DKDV),
-                    (min(HALF_DQ_TILE[0], full), min(HALF_DQ_TILE[1], full)), tuple(HALF_DQ))
+        fwd = tuple(HALF_FWD_MULTI_128 if head_block >= 128 else HALF_FWD_MULTI)
+    keys, dkdv = HALF_DKDV_KEYS, HALF_DKDV
+    if head_block >= 64:
+        keys, dkdv = HALF_DKDV_WIDE[min(head_block, 128)]
+    dq_m, dq_n = HALF_DQ_TILE_128 if head_block >= 128 else HALF_DQ_TILE
+    return TilePlan(fwd, min(keys, full), tuple((min(m, full), nw, ns) for m, nw, ns in dkdv),
+                    (min(dq_m, full), min(dq_n, full)), tuple(HALF_DQ))
 
 
 def bwd_windows_per_program(batch: int, n_windows: int, n_heads: int, n_blocks: int) -> int:
