@@ -27,12 +27,15 @@ units. Tiles (register budget checked with ``vitkern.aot``; see docs/window_atte
 
 - forward, window area <= 64 (7x7, 8x8, 7x5): one 64-row tile per window, the bias tile gathered
   once per program and reused for every window the program walks;
-- forward, larger windows (12x12, 16x16): query blocks of BLOCK_M rows, key blocks of BLOCK_N = 32
+- forward, larger windows (12x12, 16x16): query blocks of BLOCK_M rows, key blocks of BLOCK_N
   with an online softmax;
-- backward: a key-stationary kernel (dk, dv, bias-table / pad / logit-scale gradient pieces) and
-  a query-stationary kernel (dq), both on (64 queries x 32 keys) tiles recomputing P from the
-  saved log-sum-exp. Fusing dq into the first kernel (one 64x64 tile per window) needs more
-  than 255 registers a thread at 4 warps once bias, shift mask and padding are on: it spills.
+- backward: a key-stationary kernel (dk, dv, padded tokens' share) holding BLOCK_N keys as the
+  M side of its dots, and a query-stationary kernel (dq, the bias-table gradient map, the
+  logit-scale gradient), both recomputing P from the saved log-sum-exp. Fusing everything into
+  one 64x64 tile per window needs more than 255 registers a thread at 4 warps once bias, shift
+  mask and padding are on: it spills.
+
+Tile sizes per dtype and head dim are in :mod:`vitkern.ops.window_attention_tiles`.
 """
 from __future__ import annotations
 
