@@ -22,7 +22,7 @@ HAS_EXT = _backend.has_cpu_op("performer_fwd")
 def cpu_path(request, monkeypatch):
     if request.param == "ext":
         if not HAS_EXT:
-            pytest.skip("vitkern._C was built without the performer kernels")
+            pytest.skip("the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)")
         monkeypatch.setattr(cpu_performer, "uses_extension", lambda: True)
     else:
         monkeypatch.setattr(cpu_performer, "uses_extension", lambda: False)
