@@ -16,13 +16,14 @@ from vitkern.testing import assert_close
 from test_reference_performer import T2TTokenPerformer
 
 HAS_EXT = _backend.has_cpu_op("performer_fwd")
+NO_EXT = "the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)"
 
 
 @pytest.fixture(params=["ext", "native"])
 def cpu_path(request, monkeypatch):
     if request.param == "ext":
         if not HAS_EXT:
-            pytest.skip("the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)")
+            pytest.skip(NO_EXT)
         monkeypatch.setattr(cpu_performer, "uses_extension", lambda: True)
     else:
         monkeypatch.setattr(cpu_performer, "uses_extension", lambda: False)
@@ -240,7 +241,8 @@ def test_performer_attention_state_dict_round_trip():
 def test_cpu_linear_epilogues_match_composition(dtype):
     from vitkern.cpu.performer import linear_fwd
     x = torch.randn(3, 20, 36).to(dtype)
-    w, b, r = torch.randn(24, 36).to(dtype), torch.randn(24).to(dtype), torch.randn(3, 20, 24).to(dtype)
+    w, b = torch.randn(24, 36).to(dtype), torch.randn(24).to(dtype)
+    r = torch.randn(3, 20, 24).to(dtype)
     lin = torch.nn.functional.linear(x, w, b)
     assert_close(linear_fwd(x, w, b), lin, dtype)
     assert_close(linear_fwd(x, w, None), torch.nn.functional.linear(x, w), dtype)

@@ -16,6 +16,7 @@ from vitkern.testing import TOLERANCE, assert_close, case_id, pairwise, poison_o
 from conftest import INTERPRET, requires_interpreter
 
 HAS_EXT = _backend.has_cpu_op("performer_fwd")
+NO_EXT = "the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)"
 # T2T's form (denominator eps, no feature eps) and performer-pytorch's (feature eps, no eps).
 MODES = {"t2t": dict(eps=1e-8, feature_eps=0.0), "softmax_kernel": dict(eps=0.0, feature_eps=1e-4)}
 
@@ -25,7 +26,7 @@ def cpu_path(request, monkeypatch):
     """Run the CPU backend on the C++ kernels or on the native composition."""
     if request.param == "ext":
         if not HAS_EXT:
-            pytest.skip("the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)")
+            pytest.skip(NO_EXT)
         monkeypatch.setattr(cpu_performer, "uses_extension", lambda: True)
     else:
         monkeypatch.setattr(cpu_performer, "uses_extension", lambda: False)
@@ -167,7 +168,7 @@ def test_empty_batch(cpu_path):
 
 def test_paths_agree_and_batches_are_independent():
     if not HAS_EXT:
-        pytest.skip("the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)")
+        pytest.skip(NO_EXT)
     q, k, v, proj = make_inputs(3, 2, 300, 40, 40, 32, torch.float32, grad=False)
     native = cpu_performer.performer_fwd_native(q, k, v, proj, 1e-8, 0.0)[0]
     ext = torch.ops.vitkern_cpu.performer_fwd(q, k, v, proj, None, None, None, 1e-8, 0.0)[0]
@@ -210,7 +211,7 @@ def test_fused_output_linear(dtype, cpu_path):
 
 def test_fused_output_linear_folds_on_the_cpu_path():
     if not HAS_EXT:
-        pytest.skip("the performer kernels of vitkern._C are unavailable (not built, or VITKERN_DISABLE_EXT=1)")
+        pytest.skip(NO_EXT)
     q, k, v, proj = make_inputs(1, 0, 64, 16, 16, 16, torch.float32, grad=False)
     w = torch.randn(16, 16)
     with torch.profiler.profile() as prof:
