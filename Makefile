@@ -34,7 +34,7 @@ test: setup
 
 bench: setup
 	$(PY) -m vitkern bench --op all --json bench-results/latest.json --plot bench-results/latest.png
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q
+	$(PY) -m pytest benchmarks -p no:xdist --benchmark-only --benchmark-columns=median,iqr,rounds -q
 
 info: setup
 	$(PY) -m vitkern info
