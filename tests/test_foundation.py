@@ -117,3 +117,31 @@ def test_lazy_public_names_are_declared():
         assert name in vitkern.__all__
     with pytest.raises(AttributeError):
         vitkern.no_such_thing  # noqa: B018
+
+
+_AUTOTUNED_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=4)], key=["N"])
+@triton.jit
+def double(X, Y, N, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(Y + o, tl.load(X + o, mask=o < N) * 2, mask=o < N)
+'''
+
+
+def test_aot_compiles_an_autotuned_kernel_for_both_targets(tmp_path, monkeypatch):
+    from vitkern.aot import KernelSpec, compile_report
+
+    (tmp_path / "vk_aot_probe.py").write_text(_AUTOTUNED_KERNEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    spec = KernelSpec("vk_aot_probe", "double", {"X": "*fp32", "Y": "*fp32", "N": "i32", "BLOCK": "constexpr"},
+                      {"BLOCK": 128})
+    reports = compile_report([spec])
+    assert [r.arch for r in reports] == [80, 90]
+    for r in reports:
+        assert r.error is None, r.error
+        assert r.registers > 0 and r.spills == 0

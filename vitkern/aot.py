@@ -104,8 +104,11 @@ def _compile_one(spec: KernelSpec, arch: int) -> CompileReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
     fn = getattr(importlib.import_module(spec.module), spec.kernel)
-    while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # Autotuner / Heuristics wrappers
+    # Autotuner / Heuristics wrappers also carry arg_names; unwrap down to the jitted function.
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
         fn = fn.fn
     base = dict(label=spec.key(), kernel=spec.kernel, arch=arch, num_warps=spec.num_warps,
                 num_stages=spec.num_stages)
