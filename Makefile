@@ -33,7 +33,7 @@ test: setup
 	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m vitkern bench --op all --json bench-results/latest.json --plot bench-results/latest.png
+	$(PY) -m vitkern bench --op all --json bench-results/latest.json --plot bench-results/latest.png --markdown bench-results/latest.md
 	$(PY) -m pytest benchmarks -p no:xdist --benchmark-only --benchmark-columns=median,iqr,rounds -q
 
 info: setup
